@@ -1,0 +1,91 @@
+"""The public Python API. Each CLI command is a thin wrapper over one function here."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from converters import converter, detect_format
+from converters.base import ExportJob, ExportResult
+
+from .base import BaseModel
+from .checkpoint import Checkpoint, load_checkpoint
+from .errors import BadInputError
+from .io import progress_factory
+from .merge import resolve_merge_plan
+from .reference import DEFAULT_PROMPTS
+from .verify import VerifyReport, run_verify
+
+log = logging.getLogger(__name__)
+
+
+def open_job(ckpt: str | Path, base: str | Path | None = None, merge_into: Optional[str] = None,
+             quiet: bool = False) -> ExportJob:
+    """Load and validate a checkpoint and its base; decide what the adapter merges into."""
+    checkpoint, base_model = load_checkpoint(ckpt, base)
+    plan = resolve_merge_plan(checkpoint, merge_into)
+    log.info("%s: %s, %d adapted modules; %s", checkpoint.path, checkpoint.method, len(checkpoint.modules),
+             plan.describe())
+    return ExportJob(ckpt=checkpoint, base=base_model, plan=plan, progress=progress_factory(quiet))
+
+
+def export(ckpt: str | Path, out: str | Path, format: str, base: str | Path | None = None,
+           merge_into: Optional[str] = None, quiet: bool = False, **options) -> ExportResult:
+    """Export a checkpoint to ``format`` (``safetensors``, ``gguf``, ``onnx``, ``mlx``, ``peft``)."""
+    module = converter(format)
+    job = open_job(ckpt, base, merge_into, quiet)
+    result = module.export(job, Path(out), **options)
+    log.info("wrote %s (%s) in %.1f s", result.path, result.format, result.seconds)
+    return result
+
+
+def read_prompts(path: str | Path | None) -> Sequence[str]:
+    """Built-in prompts, or one prompt per non-empty line of ``path``."""
+    if path is None:
+        return DEFAULT_PROMPTS
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read prompts from {path} ({exc})") from None
+    if not lines:
+        raise BadInputError(f"{path} holds no prompts (one per line)")
+    return lines
+
+
+def verify(ckpt: str | Path, artifact: str | Path | None = None, base: str | Path | None = None,
+           prompts: Sequence[str] | None = None, dtype: str = "float16", merge_into: Optional[str] = None,
+           quiet: bool = False, **artifact_options) -> VerifyReport:
+    """Check a merge (no ``artifact``) or an exported artifact against the training-time model."""
+    job = open_job(ckpt, base, merge_into, quiet)
+    opened = None
+    if artifact is not None:
+        opened = detect_format(Path(artifact)).open_artifact(Path(artifact), job, **artifact_options)
+    return run_verify(job, opened, prompts or DEFAULT_PROMPTS, dtype)
+
+
+def inspect(ckpt: str | Path, base: str | Path | None = None) -> dict:
+    """Method, λ per module, rank, scaling, base, base quantization and parameter counts."""
+    checkpoint, base_model = load_checkpoint(ckpt, base)
+    return describe_checkpoint(checkpoint, base_model)
+
+
+def describe_checkpoint(ckpt: Checkpoint, base: BaseModel) -> dict:
+    modules = {}
+    for name, m in ckpt.modules.items():
+        shapes = {"lora_A": list(m.a.shape), "lora_B": list(m.b.shape)} if m.method == "q-blora" else {"H": list(m.h.shape)}
+        modules[name] = {"lambda_in": m.lambda_in, "lambda_out": m.lambda_out, "shape": [m.out_features, m.in_features],
+                         "inner_rank": m.inner_rank, "parameters": m.num_parameters(), **shapes}
+    base_params = sum(_numel(base.shape(n)) for n in base.names())
+    return {"checkpoint": str(ckpt.path), "layout": ckpt.layout, "method": ckpt.method,
+            "rank": ckpt.rank, "lora_alpha": ckpt.lora_alpha, "use_rslora": ckpt.use_rslora,
+            "scaling": ckpt.scaling, "base": str(base.path), "architecture": base.model_type,
+            "base_quant": None if ckpt.base_quant is None else ckpt.base_quant.to_json(),
+            "adapter_parameters": sum(m["parameters"] for m in modules.values()),
+            "base_parameters": base_params, "sha256": ckpt.sha256, "modules": modules}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

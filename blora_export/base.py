@@ -1,0 +1,133 @@
+"""The base model: a local Hugging Face folder read lazily, one tensor at a time.
+
+Only safetensors are read (never pickle). Single-file and sharded layouts are supported.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from .errors import BadInputError, UnsupportedError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
+DECODER_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight$")
+
+
+@dataclass
+class BaseModel:
+    """A Hugging Face model folder whose tensors are opened lazily (``safe_open``).
+
+    ``tensor(name)`` reads one tensor; nothing keeps the whole model in memory.
+    """
+
+    path: Path
+    config: dict
+    shards: dict[str, Path]  # tensor name -> file
+    _handles: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "BaseModel":
+        path = Path(path)
+        if not path.is_dir():
+            raise BadInputError(f"base model {path} is not a folder; pass --base DIR (a local Hugging Face model folder)")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise BadInputError(f"base model {path} has no config.json")
+        config = _read_json(config_file)
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedError(f"base model architecture {model_type!r} is not supported; "
+                                   f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        return cls(path=path, config=config, shards=_index_shards(path))
+
+    @property
+    def model_type(self) -> str:
+        return self.config["model_type"]
+
+    def names(self) -> list[str]:
+        return list(self.shards)
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types
+                raise BadInputError(f"{file} is truncated or not a safetensors file ({exc})") from None
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self._file(name)).get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle(self._file(name)).get_tensor(name)
+        except BadInputError:
+            raise
+        except Exception as exc:
+            raise BadInputError(f"cannot read {name} from {self._file(name)}: truncated file? ({exc})") from None
+
+    def _file(self, name: str) -> Path:
+        if name not in self.shards:
+            raise BadInputError(f"base model {self.path} has no tensor {name!r}")
+        return self.shards[name]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor in file order, one at a time."""
+        for name in self.names():
+            yield name, self.tensor(name)
+
+    def linear_names(self) -> list[str]:
+        """Weights of the decoder's Linear layers (what a quantized base quantizes)."""
+        return [n for n in self.names() if DECODER_LINEAR.match(n)]
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        sl = self._handle(self._file(name)).get_slice(name)
+        return _SAFE_DTYPES.get(sl.get_dtype(), torch.float32)
+
+
+_SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _index_shards(path: Path) -> dict[str, Path]:
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise BadInputError(f"{index} has no weight_map")
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise BadInputError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        return {name: path / file for name, file in weight_map.items()}
+    if single.is_file():
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return {name: single for name in f.keys()}
+        except Exception as exc:
+            raise BadInputError(f"{single} is truncated or not a safetensors file ({exc})") from None
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if pickles:
+        raise UnsupportedError(
+            f"base model {path} holds only pickled weights ({pickles[0]}); this tool never unpickles. "
+            "Convert it once to safetensors, e.g. `AutoModelForCausalLM.from_pretrained(dir)"
+            ".save_pretrained(new_dir)` in a trusted environment")
+    raise BadInputError(f"base model {path} has no model.safetensors or model.safetensors.index.json")

@@ -1,0 +1,179 @@
+"""The ``blora-export`` command line: each command parses options and calls one library function.
+
+Exit codes: 0 success (verify: passed), 1 verify found a numerical failure,
+2 bad input or usage, 3 internal error, 130 interrupted.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import api
+from .errors import BloraError
+
+log = logging.getLogger("blora_export")
+EXIT_INTERNAL = 3
+
+
+def _setup_logging(quiet: bool, debug: bool = False) -> None:
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("transformers", "torch", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _emit_json(data: dict, target: str | None) -> None:
+    text = json.dumps(data, indent=2, default=str)
+    if target == "-":
+        click.echo(text)
+    elif target:
+        Path(target).write_text(text + "\n")
+
+
+def common(func):
+    """Options every command takes: --quiet and --debug."""
+    @click.option("--quiet", "-q", is_flag=True, help="Only errors; no progress bars.")
+    @click.option("--debug", is_flag=True, hidden=True, help="Show tracebacks.")
+    @functools.wraps(func)
+    def wrapper(*args, quiet: bool, debug: bool, **kwargs):
+        _setup_logging(quiet, debug)
+        return func(*args, quiet=quiet, **kwargs)
+    return wrapper
+
+
+def source_options(func):
+    """--base and --merge-into: where the base model is and what the adapter merges into."""
+    func = click.option("--merge-into", type=click.Choice(["original", "dequantized"]), default=None,
+                        help="Merge into the original base weights or the quantized ones the adapter was "
+                             "trained against (default: dequantized when blora_config.json names base_quant).")(func)
+    return click.option("--base", type=click.Path(file_okay=False), default=None,
+                        help="Base model folder (default: base_model_name_or_path of the checkpoint).")(func)
+
+
+def json_option(func):
+    return click.option("--json", "json_out", default=None, metavar="PATH|-",
+                        help="Write machine-readable results to PATH ('-' for stdout).")(func)
+
+
+def report_export(result, json_out: str | None, quiet: bool) -> None:
+    if json_out:
+        _emit_json(result.to_json(), json_out)
+    if json_out != "-" and not quiet:
+        click.echo(f"wrote {result.path} ({result.format}, {result.seconds:.1f} s)")
+        for key, value in result.details.items():
+            click.echo(f"  {key}: {value}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="blora-export")
+def cli() -> None:
+    """Export Q-BLoRA / QA-BLoRA checkpoints to GGUF, ONNX, MLX and safetensors, and verify them."""
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path())
+@click.option("--base", type=click.Path(file_okay=False), default=None, help="Base model folder.")
+@json_option
+@common
+def inspect(ckpt, base, json_out, quiet):
+    """Method, λ per module, rank, scaling, base and base quantization of a checkpoint."""
+    info = api.inspect(ckpt, base)
+    if json_out:
+        _emit_json(info, json_out)
+    if json_out == "-":
+        return
+    click.echo(f"{info['checkpoint']}: {info['method']} ({info['layout']} layout)")
+    click.echo(f"  base        : {info['base']} ({info['architecture']}, {info['base_parameters']:,} parameters)")
+    click.echo(f"  base quant  : {info['base_quant'] or 'not recorded'}")
+    click.echo(f"  rank {info['rank']}, lora_alpha {info['lora_alpha']}, rslora {info['use_rslora']}, "
+               f"scaling s = {info['scaling']:g}")
+    click.echo(f"  adapter     : {info['adapter_parameters']:,} parameters in {len(info['modules'])} modules")
+    for name, m in info["modules"].items():
+        shapes = ", ".join(f"{k} {v}" for k, v in m.items() if k in ("lora_A", "lora_B", "H"))
+        click.echo(f"    {name:<42} λi={m['lambda_in']:<3} λo={m['lambda_out']:<3} {shapes}")
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path())
+@click.argument("artifact", type=click.Path(), required=False)
+@source_options
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None, help="File with one prompt per line.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
+              help="Weight dtype of the in-memory merge (without ARTIFACT).")
+@click.option("--runtime", default=None, help="Runtime that runs the artifact (gguf: gguf-py or llama.cpp).")
+@json_option
+@common
+def verify(ckpt, artifact, base, merge_into, prompts, dtype, runtime, json_out, quiet):
+    """Prove that a merge (or ARTIFACT) computes what the trained adapter computed.
+
+    Exit 0 when every check passes, 1 on a numerical failure, 2 on bad input.
+    """
+    from .verify import format_report
+
+    options = {"runtime": runtime} if runtime else {}
+    report = api.verify(ckpt, artifact, base=base, prompts=api.read_prompts(prompts), dtype=dtype,
+                        merge_into=merge_into, quiet=quiet, **options)
+    if json_out:
+        _emit_json(report.to_json(), json_out)
+    if json_out != "-" and not quiet:
+        click.echo(format_report(report))
+    elif quiet and json_out != "-":
+        click.echo("PASS" if report.passed else "FAIL")
+    sys.exit(0 if report.passed else 1)
+
+
+@cli.command("to-safetensors")
+@click.argument("ckpt", type=click.Path())
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@source_options
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
+              help="Weight dtype of the merged model.")
+@click.option("--max-shard-size", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Largest shard, in MiB.")
+@json_option
+@common
+def to_safetensors(ckpt, out_dir, base, merge_into, dtype, max_shard_size, json_out, quiet):
+    """Merge the adapter and write a Hugging Face folder (sharded safetensors)."""
+    result = api.export(ckpt, out_dir, "safetensors", base=base, merge_into=merge_into, quiet=quiet,
+                        dtype=dtype, max_shard_bytes=max_shard_size * 1024**2)
+    report_export(result, json_out, quiet)
+
+
+def main(argv=None) -> None:
+    """Entry point: one-line errors, never a traceback (unless --debug)."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except BloraError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except (OSError, MemoryError) as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
+        if debug:
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()

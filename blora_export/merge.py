@@ -1,0 +1,105 @@
+"""What to merge the adapter into, and the merged weights, one tensor at a time.
+
+The function a checkpoint was trained as is ``trained_base(W) + ΔW`` for every adapted
+Linear, where ``trained_base`` is the base weight the adapter saw during training:
+``dequant(NF4(W))`` for an NF4 base, ``dequant(minmax(W))`` for a min-max grid, ``W`` itself
+when nothing says how the base was quantized (the paper's own checkpoints).
+A quantized base quantizes every decoder Linear, adapted or not.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .base import DECODER_LINEAR, BaseModel
+from .checkpoint import Checkpoint
+from .delta import delta_weight
+from .errors import UnsupportedError
+from .nf4 import NF4Spec, nf4_roundtrip
+from .quant import QuantizedWeight, quantize_minmax
+from .spec import MinMaxGrid, NF4Base
+
+log = logging.getLogger(__name__)
+MERGE_TARGETS = ("original", "dequantized")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Which base weights the adapter is merged into, and why."""
+
+    merge_into: str  # "original" or "dequantized"
+    base_quant: object  # MinMaxGrid | NF4Base | None
+    reason: str
+
+    def describe(self) -> str:
+        if self.merge_into == "original":
+            return f"merged into the original base weights ({self.reason})"
+        return f"merged into the dequantized base, {self.base_quant.describe()} ({self.reason})"
+
+
+def resolve_merge_plan(ckpt: Checkpoint, merge_into: Optional[str] = None) -> MergePlan:
+    """Default: ``dequantized`` when the checkpoint names its base quantization, else ``original``."""
+    if merge_into is not None and merge_into not in MERGE_TARGETS:
+        raise UnsupportedError(f"--merge-into must be one of {MERGE_TARGETS}, got {merge_into!r}")
+    if merge_into is None:
+        if ckpt.base_quant is None:
+            return MergePlan("original", None, "default: the checkpoint does not say how its base was quantized")
+        return MergePlan("dequantized", ckpt.base_quant,
+                         "default: blora_config.json names the quantized base the adapter was trained against")
+    if merge_into == "dequantized":
+        if ckpt.base_quant is None:
+            raise UnsupportedError("--merge-into dequantized needs a checkpoint whose blora_config.json names "
+                                   "base_quant; this one does not: use --merge-into original")
+        return MergePlan("dequantized", ckpt.base_quant, "requested")
+    return MergePlan("original", ckpt.base_quant, "requested")
+
+
+def is_quantized_linear(name: str) -> bool:
+    return DECODER_LINEAR.match(name) is not None
+
+
+def quantize_base_weight(weight: torch.Tensor, grid: MinMaxGrid, name: str) -> QuantizedWeight:
+    return quantize_minmax(weight, grid, name)
+
+
+def trained_base_weight(name: str, weight: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """The base weight the adapter was trained against (float32), per the plan."""
+    w = weight.to(torch.float32)
+    if plan.merge_into == "original" or not is_quantized_linear(name):
+        return w
+    quant = plan.base_quant
+    if isinstance(quant, NF4Base):
+        return nf4_roundtrip(weight, NF4Spec(quant.blocksize, quant.double_quant)).to(torch.float32)
+    if isinstance(quant, MinMaxGrid):
+        return quantize_minmax(w, quant, name).dequantize()
+    raise UnsupportedError(f"unknown base quantization {quant!r}")
+
+
+def exact_merged_weight(name: str, weight: torch.Tensor, ckpt: Checkpoint, plan: MergePlan) -> torch.Tensor:
+    """``trained_base(W) + ΔW`` in float64 (exact up to float64 rounding)."""
+    merged = trained_base_weight(name, weight, plan).to(torch.float64)
+    module = ckpt.module_for_weight(name)
+    if module is not None:
+        merged = merged + delta_weight(module, torch.float64)
+    return merged
+
+
+def merged_tensors(base: BaseModel, ckpt: Checkpoint, plan: MergePlan, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the merged model, in base-file order, one at a time.
+
+    Adapted weights are ``round_dtype(trained_base(W) + ΔW)`` from float64: each within half
+    an ulp of ``dtype`` of the exact sum. Other tensors are cast to ``dtype`` (quantized
+    decoder Linears dequantized first when merging into the dequantized base).
+    """
+    for name in base.names():
+        weight = base.tensor(name)
+        if ckpt.module_for_weight(name) is not None:
+            yield name, exact_merged_weight(name, weight, ckpt, plan).to(dtype)
+        elif weight.is_floating_point():
+            yield name, trained_base_weight(name, weight, plan).to(dtype)
+        else:
+            yield name, weight

@@ -1,0 +1,62 @@
+"""Numerical comparisons with stated bounds: half-ulp rounding checks and logit metrics."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+
+def half_ulp_ratio(rounded: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest ``|exact - rounded| / gap`` over the tensor, where ``gap`` is the distance from
+    ``rounded`` to its neighbour in ``rounded.dtype`` on the side of ``exact``.
+
+    ``rounded`` is the correctly rounded value of ``exact`` iff the ratio is <= 0.5.
+    ``exact`` is float64.
+    """
+    if rounded.shape != exact.shape:
+        raise ValueError(f"shape mismatch {tuple(rounded.shape)} vs {tuple(exact.shape)}")
+    r64 = rounded.to(torch.float64)
+    toward = torch.where(exact >= r64, torch.full_like(r64, float("inf")), torch.full_like(r64, float("-inf")))
+    neighbour = torch.nextafter(rounded, toward.to(rounded.dtype)).to(torch.float64)
+    gap = (neighbour - r64).abs()
+    err = (exact - r64).abs()
+    if not torch.isfinite(err).all():
+        return float("inf")
+    return float((err / gap).max()) if err.numel() else 0.0
+
+
+# float64 cannot hold the exact sum of two float64 values either: allow its own rounding.
+HALF_ULP_LIMIT = 0.5 + 1e-6
+
+
+@dataclass(frozen=True)
+class LogitStats:
+    """How far candidate logits are from reference logits, over all prompts and positions."""
+
+    max_abs: float
+    max_rel: float  # max_abs / max |reference|
+    top1_agreement: float
+    kl_mean: float  # mean over positions of KL(softmax(ref) || softmax(cand)), nats
+    positions: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def logit_stats(reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tensor]) -> LogitStats:
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference prompts vs {len(candidate)} candidate prompts")
+    ref = torch.cat([r.double() for r in reference])
+    cand = torch.cat([c.double() for c in candidate])
+    if ref.shape != cand.shape:
+        raise ValueError(f"logit shapes differ: reference {tuple(ref.shape)}, candidate {tuple(cand.shape)}")
+    diff = (ref - cand).abs()
+    max_abs = float(diff.max()) if torch.isfinite(diff).all() else float("inf")
+    scale = float(ref.abs().max()) or 1.0
+    top1 = float((ref.argmax(-1) == cand.argmax(-1)).double().mean())
+    logp = torch.log_softmax(ref, -1)
+    logq = torch.log_softmax(cand, -1)
+    kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
+    return LogitStats(max_abs=max_abs, max_rel=max_abs / scale, top1_agreement=top1, kl_mean=kl,
+                      positions=int(ref.shape[0]))

@@ -1,0 +1,115 @@
+"""Runnable models for verification: the training-time model and in-memory merges.
+
+The training-time model is the base (float32, each decoder Linear replaced by the base the
+adapter was trained against) plus the adapter *branch* on each adapted Linear, computed as
+trained: ``y = x @ W.T + s * rep(pool(x) @ M.T)``. It is the reference every export is
+compared with.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .base import BaseModel
+from .checkpoint import Checkpoint
+from .delta import AdapterModule, adapter_forward
+from .merge import MergePlan, trained_base_weight
+
+log = logging.getLogger(__name__)
+DEFAULT_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Fine-tuning quantized language models with balanced low-rank adaptation",
+    "Once upon a time, in a small village by the sea, there lived",
+    "Question: what is the capital of France? Answer:",
+)
+
+
+def load_hf_model(path, dtype: torch.dtype = torch.float32):
+    """A transformers causal LM from a local folder, on CPU, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu")
+    model.eval()
+    return model
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def tokenize_prompts(base: BaseModel, prompts: Sequence[str]) -> list[list[int]]:
+    tok = load_tokenizer(base.path)
+    return [list(tok(p)["input_ids"]) for p in prompts]
+
+
+@torch.no_grad()
+def model_logits(model, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """float32 logits ``[len(prompt), vocab]`` for each prompt, one forward each."""
+    out = []
+    for ids in prompts:
+        logits = model(input_ids=torch.tensor([list(ids)], dtype=torch.long)).logits[0]
+        out.append(logits.float())
+    return out
+
+
+def _set_weight(model, name: str, value: torch.Tensor) -> None:
+    param = model.get_parameter(name)
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def _linear(model, module: AdapterModule):
+    return model.get_submodule(module.name)
+
+
+@contextmanager
+def adapter_branches(model, modules: Sequence[AdapterModule]) -> Iterator[None]:
+    """Attach each adapter's branch to its Linear as a forward hook (removed on exit)."""
+    handles = []
+    for module in modules:
+        def hook(_mod, args, output, module=module):
+            return output + adapter_forward(args[0], module).to(output.dtype)
+        handles.append(_linear(model, module).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def apply_trained_base(model, base: BaseModel, plan: MergePlan, progress: Callable = iter) -> None:
+    """Replace each decoder Linear's weight by the base the adapter was trained against."""
+    if plan.merge_into == "original":
+        return
+    for name in progress(base.linear_names()):
+        _set_weight(model, name, trained_base_weight(name, base.tensor(name), plan))
+
+
+@dataclass
+class ReferenceLogits:
+    """Logits of the training-time model and of the base without the adapter."""
+
+    trained: list[torch.Tensor]
+    without_adapter: list[torch.Tensor]
+
+
+def reference_logits(base: BaseModel, ckpt: Checkpoint, plan: MergePlan, prompts: Sequence[Sequence[int]],
+                     progress: Callable = iter) -> ReferenceLogits:
+    """Logits of the training-time model (base as trained + adapter branches), and without the adapter.
+
+    The second set measures how much the adapter moves the logits: a check is only meaningful
+    when its tolerance is well below that.
+    """
+    model = load_hf_model(base.path)
+    apply_trained_base(model, base, plan, progress)
+    without = model_logits(model, prompts)
+    with adapter_branches(model, list(ckpt.modules.values())):
+        trained = model_logits(model, prompts)
+    del model
+    return ReferenceLogits(trained=trained, without_adapter=without)

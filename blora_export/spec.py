@@ -1,0 +1,137 @@
+"""Frozen specs: how a checkpoint's base was quantized and what the adapter is.
+
+``blora_config.json`` (the native format) is parsed here and nowhere else.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from .errors import BadInputError
+
+METHODS = ("q-blora", "qa-blora")
+PARAM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MinMaxGrid:
+    """Min-max block quantization (paper Eq. 1) on blocks of ``block_out`` x ``block_in``.
+
+    Block size convention (one for the whole project): a block covers ``block_out``
+    consecutive output rows and ``block_in`` consecutive input columns of a PyTorch
+    ``[out, in]`` weight; blocks start at index 0 on both axes.
+    """
+
+    bits: int = 4
+    block_out: int = 1
+    block_in: int = 32
+    param_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 2 <= self.bits <= 8:
+            problems.append(f"bits must be 2..8, got {self.bits}")
+        if self.block_out < 1 or self.block_in < 1:
+            problems.append(f"block sizes must be >= 1, got {self.block_out}x{self.block_in}")
+        if self.param_dtype not in PARAM_DTYPES:
+            problems.append(f"param_dtype must be one of {sorted(PARAM_DTYPES)}, got {self.param_dtype!r}")
+        if problems:
+            raise BadInputError("min-max grid: " + "; ".join(problems))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return PARAM_DTYPES[self.param_dtype]
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    def describe(self) -> str:
+        return f"min-max {self.bits}-bit, {self.block_out}x{self.block_in} blocks, {self.param_dtype} α/β"
+
+    def to_json(self) -> dict:
+        return {"scheme": "minmax", "bits": self.bits, "block_out": self.block_out,
+                "block_in": self.block_in, "param_dtype": self.param_dtype}
+
+
+@dataclass(frozen=True)
+class NF4Base:
+    """bitsandbytes NF4 (absmax x codebook) as Q-BLoRA's base (paper Sec. 3.2)."""
+
+    blocksize: int = 64
+    double_quant: bool = True
+
+    def describe(self) -> str:
+        dq = ", double-quantized absmax" if self.double_quant else ""
+        return f"NF4, block {self.blocksize}{dq}"
+
+    def to_json(self) -> dict:
+        return {"scheme": "nf4", "blocksize": self.blocksize, "double_quant": self.double_quant}
+
+
+BaseQuant = Union[MinMaxGrid, NF4Base, None]
+
+
+def parse_base_quant(raw: object) -> BaseQuant:
+    """Parse the ``base_quant`` entry of ``blora_config.json``."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise BadInputError(f"base_quant must be null or an object, got {raw!r}")
+    scheme = raw.get("scheme")
+    try:
+        if scheme == "minmax":
+            return MinMaxGrid(bits=int(raw["bits"]), block_out=int(raw.get("block_out", 1)),
+                              block_in=int(raw["block_in"]),
+                              param_dtype=str(raw.get("param_dtype", "float16")))
+        if scheme == "nf4":
+            return NF4Base(blocksize=int(raw.get("blocksize", 64)),
+                           double_quant=bool(raw.get("double_quant", True)))
+    except KeyError as exc:
+        raise BadInputError(f"base_quant {scheme!r} is missing the field {exc.args[0]!r}") from None
+    raise BadInputError(f"base_quant.scheme must be 'minmax' or 'nf4', got {scheme!r}")
+
+
+@dataclass(frozen=True)
+class BloraConfig:
+    """The native ``blora_config.json``."""
+
+    method: str
+    lambda_in: int
+    lambda_out: int
+    base_quant: BaseQuant = None
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return {"format_version": self.format_version, "method": self.method,
+                "lambda_in": self.lambda_in, "lambda_out": self.lambda_out,
+                "base_quant": None if self.base_quant is None else self.base_quant.to_json()}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "BloraConfig":
+        problems = []
+        version = raw.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            problems.append(f"format_version {version} is not supported (this tool reads {FORMAT_VERSION})")
+        method = raw.get("method")
+        if method not in METHODS:
+            problems.append(f"method must be one of {METHODS}, got {method!r}")
+        lams = {}
+        for key in ("lambda_in", "lambda_out"):
+            value = raw.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{key} must be a whole number >= 1, got {value!r}")
+            lams[key] = value
+        if problems:
+            raise BadInputError("blora_config.json: " + "; ".join(problems))
+        return cls(method=method, lambda_in=lams["lambda_in"], lambda_out=lams["lambda_out"],
+                   base_quant=parse_base_quant(raw.get("base_quant")))
+
+
+def adapter_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """``s = lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA); ``r`` is the configured rank."""
+    return float(lora_alpha) / (math.sqrt(r) if use_rslora else r)

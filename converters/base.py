@@ -1,0 +1,88 @@
+"""The one small interface every output format implements.
+
+A converter module (``converters/<format>.py``) exposes:
+
+* ``NAME: str`` and ``DESCRIPTION: str``;
+* ``export(job: ExportJob, out: Path, **options) -> ExportResult``: write the artifact
+  (atomically: to a temporary path, renamed at the end);
+* ``detect(path: Path) -> bool``: whether ``path`` looks like this format's artifact;
+* ``open_artifact(path: Path, job: ExportJob, **options) -> Artifact``: load it for ``verify``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from blora_export.base import BaseModel
+from blora_export.checkpoint import Checkpoint
+from blora_export.merge import MergePlan
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """What every converter receives: the checkpoint, its base, and the merge plan."""
+
+    ckpt: Checkpoint
+    base: BaseModel
+    plan: MergePlan
+    progress: Callable = iter  # wraps an iterable with a progress bar (or not, with --quiet)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What was written, and the facts a user (or CI) needs about it."""
+
+    format: str
+    path: Path
+    seconds: float
+    details: dict = field(default_factory=dict)  # JSON-serialisable
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "path": str(self.path), "seconds": round(self.seconds, 3), **self.details}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The end-to-end bound an artifact must meet, with the reason for it."""
+
+    max_rel: float  # max |Δlogit| / max |reference logit|
+    min_top1: float  # fraction of positions whose argmax must agree
+    basis: str  # why this bound (dtype, runtime noise, measured floor)
+
+    def to_json(self) -> dict:
+        return {"max_rel": self.max_rel, "min_top1": self.min_top1, "basis": self.basis}
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """One per-layer check: a number, the bound it must meet, and the verdict."""
+
+    name: str
+    check: str
+    value: float
+    bound: float
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.bound
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "check": self.check, "value": self.value, "bound": self.bound,
+                "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An exported model loaded for verification."""
+
+    format: str
+    path: Path
+    description: str
+    tolerance: Tolerance
+    logits: Callable[[Sequence[Sequence[int]]], list[torch.Tensor]]
+    layer_checks: Callable[[], list[LayerCheck]] = lambda: []
+    notes: tuple[str, ...] = ()
+    baseline_logits: Optional[Callable[[Sequence[Sequence[int]]], list[torch.Tensor]]] = None
