@@ -1,0 +1,599 @@
+"""Tiny, random, fully offline Hugging Face base-model folders with real tokenizers.
+
+Used by the sample generator and by the test suite.  This is a plain module file
+(no package-relative imports): load it with ``sys.path.insert(0, "samples")`` or
+``importlib.util.spec_from_file_location``.
+
+Nothing here touches the network or a model hub:
+
+* tokenizers are trained on ``samples/corpus.txt`` (next to this file) with
+  ``sentencepiece`` (LLaMA/Mistral style, ``kind="spm"``) or the ``tokenizers``
+  library (GPT-2/Qwen2 byte-level BPE, ``kind="bpe"``) and written as
+  transformers-5 tokenizer folders;
+* models are built from a config (LlamaConfig / MistralConfig / Qwen2Config),
+  initialised from a seeded ``torch.Generator`` with a scale chosen so that the
+  model does something non-trivial (peaked attention, logits with a std of a few
+  units), and written with ``save_pretrained`` (optionally sharded).
+
+Public API::
+
+    make_tokenizer(out_dir, kind="spm", vocab_size=512) -> None
+    make_base(out_dir, arch="llama", *, hidden_size=128, intermediate_size=256,
+              num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512, seed=0,
+              dtype=torch.float32, tie_word_embeddings=False, shards=1,
+              legacy_config=False) -> Path
+    prompts() -> list[str]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ARCHS",
+    "CORPUS_PATH",
+    "TOKENIZER_KIND",
+    "ROPE_THETA",
+    "RMS_NORM_EPS",
+    "make_tokenizer",
+    "make_base",
+    "prompts",
+    "logits_std",
+]
+
+CORPUS_PATH = Path(__file__).resolve().parent / "corpus.txt"
+
+ARCHS = ("llama", "mistral", "qwen2")
+# Which tokenizer each architecture gets.
+TOKENIZER_KIND = {"llama": "spm", "mistral": "spm", "qwen2": "bpe"}
+# Deliberately different per architecture so a converter that ignores rope_theta gets caught.
+ROPE_THETA = {"llama": 10000.0, "mistral": 1000000.0, "qwen2": 1000000.0}
+RMS_NORM_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6}
+MAX_POSITION_EMBEDDINGS = 512
+
+# ---------------------------------------------------------------------------------------------
+# chat templates
+# ---------------------------------------------------------------------------------------------
+
+# LLaMA-2 style ([INST] ... [/INST], optional <<SYS>> block folded into the first user turn).
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system_message = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system_message = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.first and system_message %}"
+    "{{ bos_token + '[INST] <<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] | trim + ' [/INST]' }}"
+    "{% else %}"
+    "{{ bos_token + '[INST] ' + message['content'] | trim + ' [/INST]' }}"
+    "{% endif %}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+# ChatML, as used by Qwen2.
+CHATML_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# Same split regex as transformers' Qwen2Tokenizer / the real Qwen2 tokenizer.json.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Keys that from_pretrained() injects into init_kwargs and save_pretrained() then writes back;
+# they carry no information about the tokenizer and are dropped from tokenizer_config.json.
+_CONFIG_NOISE_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")
+
+
+def _corpus_text() -> str:
+    return CORPUS_PATH.read_text(encoding="utf-8")
+
+
+def _corpus_lines() -> list[str]:
+    return [line.strip() for line in _corpus_text().splitlines() if line.strip()]
+
+
+def _clean_tokenizer_config(out_dir: Path, extra: dict | None = None) -> dict:
+    path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    for key in _CONFIG_NOISE_KEYS:
+        cfg.pop(key, None)
+    if extra:
+        cfg.update(extra)
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    return cfg
+
+
+def _write_special_tokens_map(out_dir: Path, tok) -> None:
+    """transformers 5 no longer writes special_tokens_map.json; older readers (gguf-py's
+    SpecialVocab, llama.cpp's converter, transformers 4.x) still look for it."""
+    smap = {k: str(v) for k, v in tok.special_tokens_map.items() if v is not None and not isinstance(v, list)}
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps(smap, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_spm(vocab_size: int) -> bytes:
+    """Train a LLaMA-style SentencePiece BPE model on the corpus; return the serialized proto."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus_lines()),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        # LLaMA's trainer_spec: byte fallback, digits split, no normalisation, dummy prefix,
+        # whitespace kept as is, <unk>=0 <s>=1 </s>=2, no pad piece.
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        hard_vocab_limit=True,
+        # determinism
+        num_threads=1,
+        shuffle_input_sentence=False,
+        input_sentence_size=0,
+        seed_sentencepiece_size=1000000,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def _make_spm_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    # LlamaTokenizerFast is an alias of LlamaTokenizer (TokenizersBackend) in transformers 5.
+    from transformers import LlamaTokenizerFast
+
+    proto = _train_spm(vocab_size)
+    with tempfile.TemporaryDirectory(prefix="tiny_spm_") as tmp:
+        tmp = Path(tmp)
+        (tmp / "tokenizer.model").write_bytes(proto)
+        # from_pretrained on a folder holding only tokenizer.model runs transformers 5's
+        # SentencePiece -> tokenizers conversion (SentencePieceExtractor + LlamaTokenizer's
+        # BPE/Metaspace/ByteFallback pipeline).
+        tok = LlamaTokenizerFast.from_pretrained(
+            str(tmp),
+            local_files_only=True,
+            add_bos_token=True,
+            add_eos_token=False,
+            legacy=False,
+        )
+        tok.chat_template = LLAMA2_CHAT_TEMPLATE
+        # save_jinja_files=False keeps the chat template inside tokenizer_config.json.
+        tok.save_pretrained(str(out_dir), save_jinja_files=False)
+        # The vocab_file is the temp copy: always write tokenizer.model ourselves.
+        (out_dir / "tokenizer.model").write_bytes(proto)
+    # Like LLaMA-2's tokenizer_config.json: readers such as gguf-py take add_bos/eos from here.
+    _clean_tokenizer_config(
+        out_dir, {"add_bos_token": True, "add_eos_token": False, "model_max_length": MAX_POSITION_EMBEDDINGS}
+    )
+    _write_special_tokens_map(out_dir, tok)
+
+
+def _make_bpe_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    from tokenizers import AddedToken as TkAddedToken
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+    from transformers import Qwen2Tokenizer
+
+    n_special = len(QWEN2_SPECIAL_TOKENS)
+    n_regular = vocab_size - n_special
+    if n_regular <= 256:
+        raise ValueError(f"bpe vocab_size must exceed 256 + {n_special}, got {vocab_size}")
+
+    backend = Tokenizer(
+        BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+    )
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=n_regular,
+        min_frequency=1,
+        show_progress=False,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(_corpus_lines(), trainer=trainer)
+    if backend.get_vocab_size() != n_regular:
+        raise ValueError(
+            f"corpus too small for a byte-level BPE of {vocab_size} tokens "
+            f"(got {backend.get_vocab_size()} + {n_special} special)"
+        )
+    # Special tokens go after the regular vocabulary, as in Qwen2 (<|endoftext|> = first id after BPE).
+    backend.add_special_tokens([TkAddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIAL_TOKENS])
+
+    with tempfile.TemporaryDirectory(prefix="tiny_bpe_") as tmp:
+        tmp = Path(tmp)
+        backend.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "Qwen2Tokenizer",
+                    "bos_token": None,
+                    "eos_token": "<|endoftext|>",
+                    "pad_token": "<|endoftext|>",
+                    "unk_token": None,
+                    "add_prefix_space": False,
+                    "clean_up_tokenization_spaces": False,
+                    "errors": "replace",
+                    "model_max_length": MAX_POSITION_EMBEDDINGS,
+                    "split_special_tokens": False,
+                    "extra_special_tokens": ["<|im_start|>", "<|im_end|>"],
+                }
+            ),
+            encoding="utf-8",
+        )
+        tok = Qwen2Tokenizer.from_pretrained(str(tmp), local_files_only=True)
+        tok.chat_template = CHATML_CHAT_TEMPLATE
+        tok.save_pretrained(str(out_dir), save_jinja_files=False)
+    _clean_tokenizer_config(out_dir)
+    _write_special_tokens_map(out_dir, tok)
+    # vocab.json / merges.txt (GPT-2 format), as written by transformers 4.x and read by some converters.
+    model = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    vocab = model["vocab"]
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def make_tokenizer(out_dir, kind: str = "spm", vocab_size: int = 512) -> None:
+    """Train a tokenizer offline on ``samples/corpus.txt`` and write a transformers-5 tokenizer folder.
+
+    kind="spm": LLaMA-style SentencePiece BPE (byte_fallback, <unk>=0 <s>=1 </s>=2, no pad) converted to
+        ``LlamaTokenizer``; writes tokenizer.model, tokenizer.json, tokenizer_config.json (chat_template
+        inside, add_bos_token=true) and special_tokens_map.json.
+    kind="bpe": GPT-2/Qwen2-style byte-level BPE (Qwen2 split regex, NFC, ByteLevel decoder) with
+        <|endoftext|>, <|im_start|>, <|im_end|> appended after the regular vocabulary; loads as
+        ``Qwen2Tokenizer``; writes tokenizer.json, tokenizer_config.json (ChatML chat_template inside),
+        special_tokens_map.json, vocab.json and merges.txt.
+
+    In both cases ``len(AutoTokenizer.from_pretrained(out_dir)) == vocab_size`` exactly.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "spm":
+        _make_spm_tokenizer(out_dir, vocab_size)
+    elif kind == "bpe":
+        _make_bpe_tokenizer(out_dir, vocab_size)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'spm' or 'bpe')")
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+
+
+def _build_config(
+    arch: str,
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    vocab_size: int,
+    tie_word_embeddings: bool,
+    bos_token_id,
+    eos_token_id,
+    pad_token_id,
+):
+    common = dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        rms_norm_eps=RMS_NORM_EPS[arch],
+        rope_theta=ROPE_THETA[arch],
+        hidden_act="silu",
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        initializer_range=0.02,
+        use_cache=True,
+    )
+    if arch == "llama":
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+    elif arch == "mistral":
+        from transformers import MistralConfig
+
+        cfg = MistralConfig(sliding_window=None, head_dim=hidden_size // num_heads, **common)
+    elif arch == "qwen2":
+        from transformers import Qwen2Config
+
+        cfg = Qwen2Config(use_sliding_window=False, sliding_window=None, max_window_layers=num_layers, **common)
+    else:
+        raise ValueError(f"unknown arch {arch!r} (expected one of {ARCHS})")
+    return cfg
+
+
+def _model_class(arch: str):
+    import transformers
+
+    return {
+        "llama": transformers.LlamaForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+    }[arch]
+
+
+# Output scale of the LM head (logits std ~ LOGIT_GAIN since the final norm output has rms ~1).
+LOGIT_GAIN = 3.0
+# Gain on q/k projections so pre-softmax attention scores have std ~2: attention is peaked and
+# position-dependent, so RoPE (and its theta) matters.
+QK_GAIN = 1.5
+
+
+@torch.no_grad()
+def _init_weights(model, config, seed: int) -> None:
+    """Deterministic, 'interesting' initialisation, independent of transformers' own init and of the
+    global RNG.  Every parameter is filled in sorted-name order from one seeded generator, in float32.
+
+    * Linear weights: N(0, 1/fan_in) so activations stay O(1) through the residual stream;
+      q/k get an extra gain (peaked attention), the LM head a gain LOGIT_GAIN (logits std ~3).
+    * Embeddings: N(0, 1) (tied: N(0, LOGIT_GAIN^2/hidden) so they can double as the LM head).
+    * RMSNorm weights: U(0.5, 1.5), so a converter that drops them or adds Gemma's +1 is caught.
+    * Biases (qwen2 q/k/v): N(0, 0.5^2), so dropping them is caught.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    hidden = config.hidden_size
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    seen = set()
+    for name, param in sorted(model.named_parameters(remove_duplicate=True), key=lambda kv: kv[0]):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        shape = tuple(param.shape)
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            value = 0.5 + torch.rand(shape, generator=gen, dtype=torch.float32)
+        elif name.endswith(".bias"):
+            value = 0.5 * torch.randn(shape, generator=gen, dtype=torch.float32)
+        elif name.endswith("embed_tokens.weight"):
+            std = LOGIT_GAIN / math.sqrt(hidden) if tied else 1.0
+            value = std * torch.randn(shape, generator=gen, dtype=torch.float32)
+        elif name.endswith("lm_head.weight"):
+            value = (LOGIT_GAIN / math.sqrt(shape[1])) * torch.randn(shape, generator=gen, dtype=torch.float32)
+        elif param.dim() == 2:
+            gain = QK_GAIN if (name.endswith("q_proj.weight") or name.endswith("k_proj.weight")) else 1.0
+            value = (gain / math.sqrt(shape[1])) * torch.randn(shape, generator=gen, dtype=torch.float32)
+        else:  # pragma: no cover - no other parameter kinds in these architectures
+            raise RuntimeError(f"don't know how to initialise {name} {shape}")
+        param.copy_(value.to(param.dtype))
+
+
+def _shard_limit(model, shards: int, tied: bool) -> int:
+    """Smallest integer max_shard_size for which transformers' greedy sharding yields `shards` files."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    state = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    if shards > len(state):
+        raise ValueError(f"cannot split {len(state)} tensors into {shards} shards")
+
+    def count(limit: int) -> int:
+        return len(split_torch_state_dict_into_shards(state, max_shard_size=limit).filename_to_tensors)
+
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    lo, hi = 1, total  # count(total) == 1
+    while lo < hi:  # smallest limit with count(limit) <= shards (count is non-increasing in limit)
+        mid = (lo + hi) // 2
+        if count(mid) <= shards:
+            hi = mid
+        else:
+            lo = mid + 1
+    if count(lo) != shards:
+        raise ValueError(f"cannot produce exactly {shards} shards with greedy sharding")
+    return lo
+
+
+# Files make_base() writes; a rebuild into the same folder removes these (and nothing else) first,
+# so no stale shard / index / tokenizer file survives.
+_BUILD_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def _remove_previous_build(out_dir: Path) -> None:
+    for pattern in _BUILD_FILE_PATTERNS:
+        for path in out_dir.glob(pattern):
+            if path.is_file():
+                path.unlink()
+
+
+def logits_std(model_dir, text: str | None = None) -> float:
+    """Std of the logits of the saved model on a prompt (diagnostic used by the tests)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
+    ids = tok(text or prompts()[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        return float(model(ids).logits.float().std())
+
+
+def make_base(
+    out_dir,
+    arch: str = "llama",
+    *,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 512,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tie_word_embeddings: bool = False,
+    shards: int = 1,
+    legacy_config: bool = False,
+) -> Path:
+    """Build a tiny random base model folder for ``arch`` in {"llama", "mistral", "qwen2"}.
+
+    The folder holds config.json, generation_config.json, model.safetensors (or
+    model-0000k-of-0000n.safetensors + model.safetensors.index.json when shards > 1) and the
+    tokenizer (spm for llama/mistral, bpe for qwen2) trained to exactly ``vocab_size`` tokens.
+    The same arguments always give byte-identical safetensors files.
+
+    legacy_config=True rewrites config.json the way transformers 4.x wrote it (top-level
+    ``rope_theta`` + ``rope_scaling: null`` instead of v5's ``rope_parameters``), for testing
+    converters against older checkpoints; transformers 5 loads both forms.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r} (expected one of {ARCHS})")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
+    head_dim = hidden_size // num_heads
+    for what, n in (
+        ("hidden_size", hidden_size),
+        ("intermediate_size", intermediate_size),
+        ("num_kv_heads*head_dim", num_kv_heads * head_dim),
+        ("vocab_size", vocab_size),
+    ):
+        if n % 32:
+            raise ValueError(f"{what}={n} must be a multiple of 32 (4-bit block formats use 32-element blocks)")
+    if shards < 1:
+        raise ValueError("shards must be >= 1")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_previous_build(out_dir)
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    # 1. tokenizer first, so the config's vocab/special ids come from it.
+    make_tokenizer(out_dir, TOKENIZER_KIND[arch], vocab_size)
+    tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+    if len(tok) != vocab_size:
+        raise RuntimeError(f"tokenizer has {len(tok)} tokens, expected {vocab_size}")
+    if arch == "qwen2":
+        eot = tok.convert_tokens_to_ids("<|endoftext|>")
+        bos_id, eos_id, pad_id = eot, eot, None  # as in Qwen2 base config.json
+        gen_kwargs = dict(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    else:
+        bos_id, eos_id, pad_id = tok.bos_token_id, tok.eos_token_id, None
+        gen_kwargs = dict(bos_token_id=bos_id, eos_token_id=eos_id)
+
+    # 2. config + model, deterministic float32 init, then cast.
+    config = _build_config(
+        arch,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    torch_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(int(seed))
+        model = _model_class(arch)(config)
+    finally:
+        torch.random.set_rng_state(torch_state)
+    model = model.to(torch.float32).eval()
+    _init_weights(model, config, seed)
+    if tie_word_embeddings:
+        model.tie_weights()
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    if model.model.embed_tokens.weight.shape[0] != len(tok):
+        raise RuntimeError("embedding rows != tokenizer size")
+
+    model.generation_config = GenerationConfig(do_sample=False, **gen_kwargs)
+
+    # 3. save (optionally sharded).
+    max_shard_size = _shard_limit(model, shards, tie_word_embeddings) if shards > 1 else "50GB"
+    model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    n_files = len(list(out_dir.glob("*.safetensors")))
+    if n_files != shards:
+        raise RuntimeError(f"expected {shards} safetensors files, got {n_files}")
+
+    if legacy_config:
+        cfg_path = out_dir / "config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        rope = cfg.pop("rope_parameters", None) or {}
+        cfg["rope_theta"] = float(rope.get("rope_theta", ROPE_THETA[arch]))
+        cfg["rope_scaling"] = None
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def prompts() -> list[str]:
+    """Short English prompts used as built-in verify prompts.
+
+    With the default 512-token tokenizers they are 12-21 tokens long (spm, counting <s>: 13/17/18/21;
+    bpe: 12/14/16/16), i.e. within 8-24 for both.
+    """
+    return [
+        "The capital of France is",
+        "Once upon a time there was a",
+        "Water boils at one hundred degrees",
+        "Low-rank adapters keep most weights fixed.",
+    ]
+
+
+if __name__ == "__main__":  # pragma: no cover - manual smoke run
+    import sys
+    import time
+
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="tiny_models_"))
+    for a in ARCHS:
+        t0 = time.time()
+        d = make_base(root / a, a)
+        print(f"{a}: {d} ({time.time() - t0:.2f}s) logits std {logits_std(d):.2f}")
