@@ -131,16 +131,93 @@ def verify(ckpt, artifact, base, merge_into, prompts, dtype, runtime, json_out, 
 @click.argument("ckpt", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @source_options
+@click.option("--layout", type=click.Choice(["hf", "mlx"]), default="hf", show_default=True,
+              help="hf: merged 16-bit Hugging Face folder; mlx: low-bit mlx-lm folder.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
-              help="Weight dtype of the merged model.")
+              help="Weight dtype of the merged model (--layout hf).")
 @click.option("--max-shard-size", default=2048, show_default=True, type=click.IntRange(min=1),
-              help="Largest shard, in MiB.")
+              help="Largest shard, in MiB (--layout hf).")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
+              help="Code width (--layout mlx; default: the checkpoint grid's, else 4).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="Inputs per group (--layout mlx; default: 32).")
+@click.option("--bias-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage of scales and biases (--layout mlx); float32 keeps the folded offsets exact.")
+@click.option("--requantize", is_flag=True,
+              help="When the checkpoint's grid does not fold into the target, merge and re-quantize (PTQ).")
 @json_option
 @common
-def to_safetensors(ckpt, out_dir, base, merge_into, dtype, max_shard_size, json_out, quiet):
-    """Merge the adapter and write a Hugging Face folder (sharded safetensors)."""
-    result = api.export(ckpt, out_dir, "safetensors", base=base, merge_into=merge_into, quiet=quiet,
-                        dtype=dtype, max_shard_bytes=max_shard_size * 1024**2)
+def to_safetensors(ckpt, out_dir, base, merge_into, layout, dtype, max_shard_size, bits, group_size, bias_dtype,
+                   requantize, json_out, quiet):
+    """Write a merged Hugging Face folder, or (--layout mlx) a low-bit mlx-lm folder."""
+    if layout == "hf":
+        result = api.export(ckpt, out_dir, "safetensors", base=base, merge_into=merge_into, quiet=quiet,
+                            dtype=dtype, max_shard_bytes=max_shard_size * 1024**2)
+    else:
+        result = api.export(ckpt, out_dir, "mlx", base=base, merge_into=merge_into, quiet=quiet,
+                            bits=int(bits) if bits else None, group_size=int(group_size) if group_size else None,
+                            bias_dtype=bias_dtype, requantize=requantize)
+    report_export(result, json_out, quiet)
+
+
+GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_1", "q5_1"]
+
+
+@cli.command("to-gguf")
+@click.argument("ckpt", type=click.Path())
+@click.argument("out_file", type=click.Path(dir_okay=False))
+@source_options
+@click.option("--type", "gguf_type", type=click.Choice(GGUF_TYPES), default=None,
+              help="Tensor type of the Linear weights (default: q4_1/q5_1 for a QA-BLoRA checkpoint on a "
+                   "1x32 min-max grid, else f16).")
+@click.option("--adapter-only", is_flag=True, help="Write a llama.cpp LoRA adapter GGUF instead of a full model.")
+@click.option("--requantize", is_flag=True,
+              help="When the checkpoint's grid does not fold into the type, merge and re-quantize (PTQ).")
+@click.option("--quantize-embeddings", is_flag=True,
+              help="Quantize token embeddings and the output head too (adds PTQ error, reported).")
+@json_option
+@common
+def to_gguf(ckpt, out_file, base, merge_into, gguf_type, adapter_only, requantize, quantize_embeddings,
+            json_out, quiet):
+    """Write a GGUF model (or LoRA adapter) that llama.cpp runs."""
+    result = api.export(ckpt, out_file, "gguf", base=base, merge_into=merge_into, quiet=quiet,
+                        gguf_type=gguf_type, adapter_only=adapter_only, requantize=requantize,
+                        quantize_embeddings=quantize_embeddings)
+    report_export(result, json_out, quiet)
+
+
+@cli.command("to-onnx")
+@click.argument("ckpt", type=click.Path())
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@source_options
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32", show_default=True)
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
+              help="int4 block size along the input axis (default: 32).")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="0", show_default=True,
+              help="MatMulNBits accuracy_level: 0 float activations (exact), 4 int8 activations (faster).")
+@click.option("--requantize", is_flag=True,
+              help="When the checkpoint's grid does not fold into the block size, merge and re-quantize (PTQ).")
+@json_option
+@common
+def to_onnx(ckpt, out_dir, base, merge_into, precision, block_size, accuracy_level, requantize, json_out, quiet):
+    """Write an ONNX decoder with KV cache (plus genai_config.json) for onnxruntime."""
+    result = api.export(ckpt, out_dir, "onnx", base=base, merge_into=merge_into, quiet=quiet,
+                        precision=precision, block_size=int(block_size) if block_size else None,
+                        accuracy_level=int(accuracy_level), requantize=requantize)
+    report_export(result, json_out, quiet)
+
+
+@cli.command("to-peft")
+@click.argument("ckpt", type=click.Path())
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--base", type=click.Path(file_okay=False), default=None, help="Base model folder.")
+@click.option("--layout", type=click.Choice(["peft", "mlx"]), default="peft", show_default=True,
+              help="peft: standard PEFT LoRA adapter; mlx: mlx-lm adapter folder.")
+@json_option
+@common
+def to_peft(ckpt, out_dir, base, layout, json_out, quiet):
+    """Write the adapter as a standard, hot-swappable LoRA adapter (exact)."""
+    result = api.export(ckpt, out_dir, "peft", base=base, quiet=quiet, layout=layout)
     report_export(result, json_out, quiet)
 
 

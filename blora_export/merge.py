@@ -19,6 +19,7 @@ from .checkpoint import Checkpoint
 from .delta import delta_weight
 from .errors import UnsupportedError
 from .nf4 import NF4Spec, nf4_roundtrip
+from .numerics import round_to
 from .quant import QuantizedWeight, quantize_minmax
 from .spec import MinMaxGrid, NF4Base
 
@@ -98,7 +99,7 @@ def merged_tensors(base: BaseModel, ckpt: Checkpoint, plan: MergePlan, dtype: to
     for name in base.names():
         weight = base.tensor(name)
         if ckpt.module_for_weight(name) is not None:
-            yield name, exact_merged_weight(name, weight, ckpt, plan).to(dtype)
+            yield name, round_to(exact_merged_weight(name, weight, ckpt, plan), dtype)
         elif weight.is_floating_point():
             yield name, trained_base_weight(name, weight, plan).to(dtype)
         else:

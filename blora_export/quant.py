@@ -18,6 +18,7 @@ import torch
 
 from .delta import AdapterModule, adapter_matrix
 from .errors import BadInputError, UnsupportedError
+from .numerics import round_to
 from .spec import MinMaxGrid
 
 
@@ -115,7 +116,7 @@ def fold_into_zero_points(qw: QuantizedWeight, module: AdapterModule) -> Quantiz
         raise UnsupportedError(f"{module.name}: cannot fold exactly ({'; '.join(problems)}); "
                                f"{foldable_hint(module.lambda_in, module.lambda_out)}")
     shift = block_shift(module, grid)
-    beta = (qw.beta.double() + shift).to(grid.torch_dtype)
+    beta = round_to(qw.beta.double() + shift, grid.torch_dtype)
     return replace(qw, beta=beta)
 
 

@@ -31,7 +31,9 @@ DEFAULT_PROMPTS = (
 def load_hf_model(path, dtype: torch.dtype = torch.float32):
     """A transformers causal LM from a local folder, on CPU, in eval mode."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own bars (or --quiet) only
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu")
     model.eval()
     return model

@@ -156,7 +156,9 @@ def stored_dtype(path: Path, job: ExportJob) -> torch.dtype:
     return _read(files, first).dtype if first in files else torch.float32
 
 
-def open_artifact(path: Path, job: ExportJob) -> Artifact:
+def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Artifact:
+    if runtime not in (None, "transformers"):
+        raise UnsupportedError(f"a Hugging Face folder runs in transformers, not {runtime!r}")
     path = Path(path)
     dtype = stored_dtype(path, job)
 
