@@ -29,9 +29,10 @@ followed by ``dequantize_4bit``:
   last dimension): ``(NF4_CODE[q] * absmax[block]).to(dtype)`` -- one float32 multiply,
   then round-to-nearest-even into float16 / bfloat16.
 
-Other bnb backends (CUDA, XPU, MPS) are not mirrored: their double-quant 8-bit search is
-an exact nearest-code search, so their absmax (hence weights) can differ from this path.
-All computation is done on CPU; results are CPU tensors.
+Not mirrored: other bnb backends (CUDA, XPU, MPS), whose double-quant 8-bit search is an
+exact nearest-code search, so their absmax (hence weights) can differ from this path; and
+bnb's shape quirks (an even-length 1-D weight dequantizes to ``(1, n)``): results here
+always have the weight's shape. All computation is on CPU; results are CPU tensors.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def _quantize_blockwise8_cpu(x: torch.Tensor, code: torch.Tensor) -> tuple[torch
     grid = (t.double() * _LUT_STEPS + 0.5).float().to(torch.int64)
     grid_val = (grid * 2).float() / torch.full(grid.shape, float(_LUT_STEPS)) - 1.0
     mids = (code[:-1] + code[1:]) * 0.5
-    q = torch.bucketize(v, mids, right=False)
+    q = torch.bucketize(grid_val, mids, right=False)
     return torch.where(zero.view(-1, 1), torch.zeros_like(q), q), am2
 
 
