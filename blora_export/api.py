@@ -56,10 +56,9 @@ def verify(ckpt: str | Path, artifact: str | Path | None = None, base: str | Pat
            prompts: Sequence[str] | None = None, dtype: str = "float16", merge_into: Optional[str] = None,
            quiet: bool = False, **artifact_options) -> VerifyReport:
     """Check a merge (no ``artifact``) or an exported artifact against the training-time model."""
+    fmt = detect_format(Path(artifact)) if artifact is not None else None  # validate early
     job = open_job(ckpt, base, merge_into, quiet)
-    opened = None
-    if artifact is not None:
-        opened = detect_format(Path(artifact)).open_artifact(Path(artifact), job, **artifact_options)
+    opened = fmt.open_artifact(Path(artifact), job, **artifact_options) if fmt is not None else None
     return run_verify(job, opened, prompts or DEFAULT_PROMPTS, dtype)
 
 

@@ -1,0 +1,28 @@
+"""Base models: sharded safetensors, llama / mistral / qwen2, verify and merge on each."""
+import pytest
+
+from blora_export import api
+from blora_export.base import BaseModel
+from blora_export.spec import MinMaxGrid, NF4Base
+
+
+def test_sharded_base_reads_lazily(tiny_base):
+    base = BaseModel.open(tiny_base("llama", shards=3))
+    assert len(set(base.shards.values())) == 3
+    assert base.shape("model.layers.1.mlp.down_proj.weight") == (128, 256)
+    assert len(base.linear_names()) == 14
+
+
+@pytest.mark.parametrize("arch,method,lams,quant", [
+    ("qwen2", "qa-blora", (32, 4), MinMaxGrid(4, 1, 32)),
+    ("mistral", "q-blora", (2, 2), NF4Base(64, True)),
+    ("qwen2", "q-blora", (4, 2), None),
+])
+def test_architectures_verify_and_merge(tiny_base, make_ckpt, tmp_path, arch, method, lams, quant):
+    base = tiny_base(arch, shards=2)
+    ckpt = make_ckpt(base, method, *lams, base_quant=quant, layout="native" if quant else "paper")
+    assert api.verify(ckpt, quiet=True).passed
+    out = tmp_path / "merged"
+    api.export(ckpt, out, "safetensors", dtype="bfloat16", quiet=True)
+    report = api.verify(ckpt, out, quiet=True)
+    assert report.passed, report.to_json()
