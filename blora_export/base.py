@@ -68,12 +68,16 @@ class BaseModel:
         return tuple(self._handle(self._file(name)).get_slice(name).get_shape())
 
     def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk now; non-finite values are bad input."""
         try:
-            return self._handle(self._file(name)).get_tensor(name)
+            value = self._handle(self._file(name)).get_tensor(name)
         except BadInputError:
             raise
         except Exception as exc:
             raise BadInputError(f"cannot read {name} from {self._file(name)}: truncated file? ({exc})") from None
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise BadInputError(f"base tensor {name} in {self._file(name)} contains NaN or infinite values")
+        return value
 
     def _file(self, name: str) -> Path:
         if name not in self.shards:

@@ -17,7 +17,7 @@ import torch
 from .base import DECODER_LINEAR, BaseModel
 from .checkpoint import Checkpoint
 from .delta import delta_weight
-from .errors import UnsupportedError
+from .errors import BadInputError, UnsupportedError
 from .nf4 import NF4Spec, nf4_roundtrip
 from .numerics import round_to
 from .quant import QuantizedWeight, quantize_minmax
@@ -74,7 +74,10 @@ def trained_base_weight(name: str, weight: torch.Tensor, plan: MergePlan) -> tor
         return w
     quant = plan.base_quant
     if isinstance(quant, NF4Base):
-        return nf4_roundtrip(weight, NF4Spec(quant.blocksize, quant.double_quant)).to(torch.float32)
+        try:
+            return nf4_roundtrip(weight, NF4Spec(quant.blocksize, quant.double_quant)).to(torch.float32)
+        except ValueError as exc:
+            raise BadInputError(f"{name}: {exc}") from None
     if isinstance(quant, MinMaxGrid):
         return quantize_minmax(w, quant, name).dequantize()
     raise UnsupportedError(f"unknown base quantization {quant!r}")

@@ -65,6 +65,10 @@ class NF4Base:
     blocksize: int = 64
     double_quant: bool = True
 
+    def __post_init__(self) -> None:
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise BadInputError(f"nf4 blocksize must be a power of two from 32 to 4096, got {self.blocksize}")
+
     def describe(self) -> str:
         dq = ", double-quantized absmax" if self.double_quant else ""
         return f"NF4, block {self.blocksize}{dq}"

@@ -26,3 +26,21 @@ def test_architectures_verify_and_merge(tiny_base, make_ckpt, tmp_path, arch, me
     api.export(ckpt, out, "safetensors", dtype="bfloat16", quiet=True)
     report = api.verify(ckpt, out, quiet=True)
     assert report.passed, report.to_json()
+
+
+def test_non_finite_base_weight_is_bad_input(samples, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from blora_export.errors import BadInputError
+
+    base = tmp_path / "base"
+    shutil.copytree(samples / "base", base)
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = float("inf")
+    save_file(tensors, str(base / "model.safetensors"))
+    with pytest.raises(BadInputError, match="up_proj.weight .* NaN or infinite"):
+        api.export(samples / "paper-q-blora", tmp_path / "out", "safetensors", base=base, quiet=True)
+    assert not (tmp_path / "out").exists()
