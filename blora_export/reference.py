@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -95,23 +95,32 @@ def apply_trained_base(model, base: BaseModel, plan: MergePlan, progress: Callab
 
 @dataclass
 class ReferenceLogits:
-    """Logits of the training-time model and of the base without the adapter."""
+    """Logits of the training-time model, of the base without the adapter, and (optionally)
+    of that base with every weight rounded to a storage dtype: the dtype's noise floor."""
 
     trained: list[torch.Tensor]
     without_adapter: list[torch.Tensor]
+    rounded_base: Optional[list[torch.Tensor]] = None
 
 
 def reference_logits(base: BaseModel, ckpt: Checkpoint, plan: MergePlan, prompts: Sequence[Sequence[int]],
-                     progress: Callable = iter) -> ReferenceLogits:
+                     progress: Callable = iter, round_dtype: Optional[torch.dtype] = None) -> ReferenceLogits:
     """Logits of the training-time model (base as trained + adapter branches), and without the adapter.
 
     The second set measures how much the adapter moves the logits: a check is only meaningful
-    when its tolerance is well below that.
+    when its tolerance is well below that. With ``round_dtype``, the base's weights are then
+    rounded to it in place and run once more (no second copy of the model is held).
     """
     model = load_hf_model(base.path)
     apply_trained_base(model, base, plan, progress)
     without = model_logits(model, prompts)
     with adapter_branches(model, list(ckpt.modules.values())):
         trained = model_logits(model, prompts)
+    rounded = None
+    if round_dtype is not None and round_dtype != torch.float32:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(round_dtype).to(param.dtype))
+        rounded = model_logits(model, prompts)
     del model
-    return ReferenceLogits(trained=trained, without_adapter=without)
+    return ReferenceLogits(trained=trained, without_adapter=without, rounded_base=rounded)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from converters.base import Artifact, ExportJob, LayerCheck, Tolerance
-from converters.tolerances import tolerance_for_dtype
+from converters.tolerances import tolerance_for_dtype, widen_to_floor
 
 from .delta import AdapterModule, adapter_forward, delta_weight
 from .merge import DTYPES, merged_tensors, trained_base_weight
@@ -38,6 +38,7 @@ class VerifyReport:
     layers: list[LayerCheck]
     logits: LogitStats
     adapter_effect: float  # max_rel of the training-time model vs the same base without adapter
+    rounding_floor: Optional[float] = None  # max_rel that rounding the base alone to the weight dtype causes
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -57,7 +58,7 @@ class VerifyReport:
         return {"passed": self.passed, "checkpoint": self.checkpoint, "artifact": self.artifact,
                 "description": self.description, "method": self.method, "merge": self.merge,
                 "tolerance": self.tolerance.to_json(), "logits": self.logits.to_json(),
-                "logits_passed": self.logits_passed, "adapter_effect_rel": self.adapter_effect,
+                "logits_passed": self.logits_passed, "adapter_effect_rel": self.adapter_effect, "rounding_floor_rel": self.rounding_floor,
                 "layers_passed": self.layers_passed, "layers": [c.to_json() for c in self.layers],
                 "notes": self.notes}
 
@@ -107,17 +108,21 @@ def run_verify(job: ExportJob, artifact: Optional[Artifact], prompts: Sequence[s
     ids = tokenize_prompts(job.base, prompts)
     modules = list(job.ckpt.modules.values())
     checks = [branch_check(m, seed=i) for i, m in enumerate(modules)]
-    ref = reference_logits(job.base, job.ckpt, job.plan, ids, job.progress)
+    weight_dtype = DTYPES[dtype] if artifact is None else artifact.weight_dtype
+    ref = reference_logits(job.base, job.ckpt, job.plan, ids, job.progress, round_dtype=weight_dtype)
     if artifact is None:
-        torch_dtype = DTYPES[dtype]
-        candidate = merged_model_logits(job, torch_dtype, ids, checks)
-        tolerance, description, notes = tolerance_for_dtype(torch_dtype), f"in-memory merge, {dtype} weights", []
+        candidate = merged_model_logits(job, weight_dtype, ids, checks)
+        tolerance, description, notes = tolerance_for_dtype(weight_dtype), f"in-memory merge, {dtype} weights", []
         artifact_path = None
     else:
         checks.extend(artifact.layer_checks())
         candidate = artifact.logits(ids)
         tolerance, description, notes = artifact.tolerance, artifact.description, list(artifact.notes)
         artifact_path = str(artifact.path)
+    floor = None
+    if ref.rounded_base is not None:
+        floor = logit_stats(ref.without_adapter, ref.rounded_base).max_rel
+        tolerance = widen_to_floor(tolerance, floor, weight_dtype)
     effect = logit_stats(ref.trained, ref.without_adapter).max_rel
     if effect < SENSITIVITY_FACTOR * tolerance.max_rel:
         notes.append(f"the adapter moves the logits by only {effect:.2e} (relative), less than "
@@ -125,7 +130,7 @@ def run_verify(job: ExportJob, artifact: Optional[Artifact], prompts: Sequence[s
     return VerifyReport(checkpoint=str(job.ckpt.path), artifact=artifact_path, description=description,
                         method=job.ckpt.method, merge=job.plan.describe(), tolerance=tolerance,
                         layers=checks, logits=logit_stats(ref.trained, candidate), adapter_effect=effect,
-                        notes=notes)
+                        rounding_floor=floor, notes=notes)
 
 
 def format_report(report: VerifyReport, max_layers: int = 12) -> str:
@@ -145,6 +150,8 @@ def format_report(report: VerifyReport, max_layers: int = 12) -> str:
               f"  top-1 agreement   {s.top1_agreement:.4f}  (bound >= {t.min_top1})",
               f"  KL(ref || cand)   {s.kl_mean:.3e} nats, {s.positions} positions",
               f"  adapter effect    {report.adapter_effect:.3e} (relative change of logits the adapter makes)"]
+    if report.rounding_floor is not None:
+        lines.append(f"  rounding floor    {report.rounding_floor:.3e} (the same rounding applied to the base alone)")
     lines += [f"note: {n}" for n in report.notes]
     lines.append("")
     lines.append("PASS" if report.passed else "FAIL")

@@ -170,5 +170,5 @@ def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Art
             del model
 
     return Artifact(format=NAME, path=path, description=f"Hugging Face folder, {str(dtype)[6:]} weights",
-                    tolerance=tolerance_for_dtype(dtype), logits=logits,
+                    tolerance=tolerance_for_dtype(dtype), logits=logits, weight_dtype=dtype,
                     layer_checks=lambda: weight_layer_checks(job, path))
