@@ -1,0 +1,415 @@
+"""Low-bit mlx-lm folder: MLX affine quantization (packed uint32 codes, scales, biases).
+
+MLX stores each quantized Linear as ``weight`` uint32 ``[out, in*bits/32]`` (codes packed
+least-significant bit first, as one bit stream per row), ``scales`` and ``biases``
+``[out, in/G]`` and dequantizes ``w = scales*q + biases`` on groups of ``G`` inputs. That is
+the paper's min-max block with β stored as is, so a QA-BLoRA checkpoint on a min-max grid
+exports its own codes and α untouched and the folded ``β' = β + s*H/λi`` (MATH.md), when
+``G`` divides the grid's block and λi. The only loss is rounding β' to the biases' dtype.
+
+Anything else (Q-BLoRA, other grids, other bits or groups, ``--merge-into original``) is a
+merge followed by min-max quantization on the ``1 x G`` grid: post-training quantization,
+only with ``--requantize``, its error reported. Embeddings, norms and the output head stay in
+the base's float dtype (mlx-lm quantizes exactly the modules that have ``scales``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from blora_export.delta import delta_weight
+from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.io import atomic_dir
+from blora_export.merge import exact_merged_weight, is_quantized_linear, trained_base_weight
+from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio, logit_stats, round_to
+from blora_export.quant import (QuantizedWeight, expand_blocks, fold_into_zero_points, foldable_hint,
+                                quantize_minmax, runtime_fold_problems, to_row_blocks)
+from blora_export.reference import DEFAULT_PROMPTS, load_hf_model, model_logits, tokenize_prompts
+from blora_export.spec import MinMaxGrid
+
+from .base import Artifact, ExportJob, ExportResult, LayerCheck, Tolerance
+from .to_safetensors import PROVENANCE_FILE, _write_shards, provenance, write_hf_config
+from .tolerances import UNIT_ROUNDOFF, tolerance_for_dtype
+
+log = logging.getLogger(__name__)
+NAME = "mlx"
+DESCRIPTION = "mlx-lm folder, MLX affine low-bit (packed uint32 codes, scales, biases)"
+MODE = "affine"
+GROUP_SIZES = (128, 64, 32)  # largest first: the default is the largest that folds exactly
+BITS = (2, 3, 4, 5, 6, 8)
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DEFAULT_BITS, DEFAULT_GROUP = 4, 32
+MAX_SHARD_BYTES = 2 * 1024**3
+PTQ_FACTOR = 3.0  # re-quantized artifacts: bound = this x the PTQ error of the base alone
+ROUTES = {
+    "fold": "QA-BLoRA folded into the zero-points: the checkpoint's own codes and scales, biases = β + s·H/λi",
+    "requantize": "merged (trained base + ΔW) then min-max quantized on 1xG groups (post-training quantization)",
+}
+
+
+@dataclass(frozen=True)
+class MlxPlan:
+    """How the Linears are written: bits, group size, storage of scales/biases, and the route."""
+
+    bits: int
+    group_size: int
+    scale_dtype: str
+    route: str  # a key of ROUTES
+    reason: str
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def target_grid(self) -> MinMaxGrid:
+        return MinMaxGrid(bits=self.bits, block_out=1, block_in=self.group_size, param_dtype=self.scale_dtype)
+
+    def quantization(self) -> dict:
+        return {"group_size": self.group_size, "bits": self.bits, "mode": MODE}
+
+
+# ---------------------------------------------------------------- packing
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[out, in]`` -> uint32 ``[out, in*bits/32]``: each row one LSB-first bit stream."""
+    out_f, in_f = codes.shape
+    if (in_f * bits) % 32:
+        raise UnsupportedError(f"a row of {in_f} {bits}-bit codes does not fill whole 32-bit words")
+    c = codes.numpy().astype(np.uint8).reshape(out_f, in_f, 1)
+    bit_planes = np.unpackbits(c, axis=2, bitorder="little")[:, :, :bits]
+    packed = np.packbits(bit_planes.reshape(out_f, in_f * bits), axis=1, bitorder="little")
+    return torch.from_numpy(np.ascontiguousarray(packed).view("<u4").copy())
+
+
+def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of :func:`pack_codes`: uint32 ``[out, in*bits/32]`` -> uint8 ``[out, in]``."""
+    w = np.ascontiguousarray(words.numpy().astype("<u4"))
+    out_f = w.shape[0]
+    stream = np.unpackbits(w.view(np.uint8), axis=1, bitorder="little")
+    planes = stream.reshape(out_f, -1, bits).astype(np.uint16)
+    return torch.from_numpy((planes << np.arange(bits, dtype=np.uint16)).sum(axis=2).astype(np.uint8))
+
+
+# ---------------------------------------------------------------- planning
+
+def _grid_defaults(job: ExportJob) -> tuple[int, int]:
+    """Bits of the checkpoint's grid, and the largest group size that folds exactly (else 4 / 32)."""
+    grid = job.ckpt.base_quant
+    if not isinstance(grid, MinMaxGrid) or grid.bits not in BITS:
+        return DEFAULT_BITS, DEFAULT_GROUP
+    for t in GROUP_SIZES:
+        if not any(runtime_fold_problems(grid, m.lambda_in, m.lambda_out, t) for m in job.ckpt.modules.values()):
+            return grid.bits, t
+    return grid.bits, DEFAULT_GROUP
+
+
+def fold_obstacles(job: ExportJob, bits: int, group_size: int, scale_dtype: str) -> list[str]:
+    """Why this checkpoint cannot export its own codes with these settings (empty when it can)."""
+    ckpt, grid = job.ckpt, job.ckpt.base_quant
+    if ckpt.method != "qa-blora":
+        return ["Q-BLoRA's update is not constant on quantization groups: it merges into 16-bit weights, "
+                "so a low-bit MLX export is merge-then-quantize"]
+    if not isinstance(grid, MinMaxGrid):
+        return ["the checkpoint names no min-max grid (blora_config.json base_quant), so it has no codes to keep"]
+    if job.plan.merge_into != "dequantized":
+        return ["--merge-into original asks for W + ΔW, which is not on the checkpoint's grid"]
+    problems = [] if bits == grid.bits else [f"--bits {bits} differs from the grid's {grid.bits}-bit codes"]
+    for pair in sorted({(m.lambda_in, m.lambda_out) for m in ckpt.modules.values()}):
+        problems += [f"λ={pair[0]}x{pair[1]}: {p}" for p in runtime_fold_problems(grid, *pair, group_size)]
+    if scale_dtype == "float16" and grid.param_dtype != "float16":
+        problems.append(f"the grid's {grid.param_dtype} scales are not exact in {scale_dtype}: use --bias-dtype float32")
+    return problems
+
+
+def resolve_plan(job: ExportJob, bits: Optional[int], group_size: Optional[int], bias_dtype: str,
+                 requantize: bool) -> MlxPlan:
+    """Check the options and decide the route; refuse a lossy route unless ``requantize``."""
+    if bias_dtype not in SCALE_DTYPES:
+        raise UnsupportedError(f"--bias-dtype must be one of {', '.join(SCALE_DTYPES)}, got {bias_dtype!r}")
+    default_bits, default_group = _grid_defaults(job)
+    bits = default_bits if bits is None else int(bits)
+    group_size = default_group if group_size is None else int(group_size)
+    if bits not in BITS or group_size not in GROUP_SIZES:
+        raise UnsupportedError(f"MLX affine takes bits {BITS} and group sizes {sorted(GROUP_SIZES)}; "
+                               f"got bits={bits}, group_size={group_size}")
+    problems = fold_obstacles(job, bits, group_size, bias_dtype)
+    if not problems:
+        return MlxPlan(bits, group_size, bias_dtype, "fold", "exact: codes kept, offsets folded")
+    if not requantize:
+        hints = {foldable_hint(*pair) for pair in job.ckpt.lambdas.values()} if job.ckpt.method == "qa-blora" else set()
+        raise UnsupportedError(f"cannot export the checkpoint's own codes to MLX {bits}-bit groups of {group_size} "
+                               f"({'; '.join(problems)}); pass --requantize to merge and re-quantize (PTQ, error "
+                               f"reported), or export 16-bit with --layout hf. {' '.join(sorted(hints))}")
+    log.warning("MLX export re-quantizes (post-training quantization): %s", "; ".join(problems))
+    return MlxPlan(bits, group_size, bias_dtype, "requantize", "; ".join(problems))
+
+
+# ---------------------------------------------------------------- weights
+
+def folded_weight(job: ExportJob, name: str, weight: torch.Tensor, mplan: MlxPlan) -> QuantizedWeight:
+    """The checkpoint's own quantization of ``name``, offsets folded (rounded once to the biases' dtype)."""
+    qw = quantize_minmax(weight, job.ckpt.base_quant, name)
+    module = job.ckpt.module_for_weight(name)
+    if module is None:
+        return qw
+    return fold_into_zero_points(replace(qw, grid=replace(qw.grid, param_dtype=mplan.scale_dtype)), module)
+
+
+def requantized_weight(job: ExportJob, name: str, weight: torch.Tensor, mplan: MlxPlan) -> QuantizedWeight:
+    """Min-max on ``1 x G`` groups of the exact merge ``trained_base(W) + ΔW`` (float64 -> float32)."""
+    exact = exact_merged_weight(name, weight, job.ckpt, job.plan)
+    return quantize_minmax(exact.to(torch.float32), mplan.target_grid(), name)
+
+
+def expected_weight(job: ExportJob, name: str, weight: torch.Tensor, mplan: MlxPlan) -> QuantizedWeight:
+    if mplan.route == "fold":
+        return folded_weight(job, name, weight, mplan)
+    return requantized_weight(job, name, weight, mplan)
+
+
+def row_params(qw: QuantizedWeight, mplan: MlxPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and biases ``[out, in/G]`` in the storage dtype (α is exact in it: checked in planning)."""
+    alpha, beta = to_row_blocks(qw, mplan.group_size)
+    return alpha.to(mplan.torch_scale_dtype), beta.to(mplan.torch_scale_dtype)
+
+
+def mlx_tensors(job: ExportJob, mplan: MlxPlan, stats: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the MLX folder in base-file order, one base tensor at a time."""
+    for name in job.base.names():
+        weight = job.base.tensor(name)
+        if is_quantized_linear(name):
+            qw = expected_weight(job, name, weight, mplan)
+            if mplan.route == "requantize":
+                _record_ptq(stats, name, qw, job, weight)
+            scales, biases = row_params(qw, mplan)
+            stem = name[: -len(".weight")]
+            yield name, pack_codes(qw.codes, mplan.bits)
+            yield stem + ".scales", scales
+            yield stem + ".biases", biases
+        elif job.ckpt.module_for_weight(name) is not None:
+            yield name, round_to(exact_merged_weight(name, weight, job.ckpt, job.plan), weight.dtype)
+        else:
+            yield name, weight
+
+
+def _record_ptq(stats: dict, name: str, qw: QuantizedWeight, job: ExportJob, weight: torch.Tensor) -> None:
+    """Largest weight error the re-quantization adds, relative to the layer's largest weight."""
+    exact = exact_merged_weight(name, weight, job.ckpt, job.plan)
+    err = float((qw.dequantize().double() - exact).abs().max()) / (float(exact.abs().max()) or 1.0)
+    if err > stats.get("ptq_weight_rel_max", 0.0):
+        stats.update(ptq_weight_rel_max=err, ptq_worst_layer=name)
+
+
+def rope_overrides(config: dict) -> dict:
+    """The keys mlx-lm reads at the top level of config.json: transformers 5 nests ``rope_theta``
+    (and the rope type) in ``rope_parameters``, which mlx-lm 0.32 ignores (it would use its default)."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
+        return {}
+    extra = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return extra
+
+
+def mlx_config_extra(job: ExportJob, mplan: MlxPlan) -> dict:
+    """``quantization`` (and mlx-lm's mirror ``quantization_config``) plus the rope keys."""
+    return {"quantization": mplan.quantization(), "quantization_config": mplan.quantization(),
+            **rope_overrides(job.base.config)}
+
+
+def export(job: ExportJob, out: Path, bits: Optional[int] = None, group_size: Optional[int] = None,
+           bias_dtype: str = "float16", requantize: bool = False) -> ExportResult:
+    start = time.perf_counter()
+    mplan = resolve_plan(job, bits, group_size, bias_dtype, requantize)
+    stats: dict = {}
+    names = job.base.names()
+    with atomic_dir(out) as tmp:
+        stream = job.progress(mlx_tensors(job, mplan, stats), desc="mlx", unit="tensor")
+        weight_map = _write_shards(stream, tmp, MAX_SHARD_BYTES)
+        files = sorted(set(weight_map.values()))
+        if len(files) > 1:
+            total = sum((tmp / f).stat().st_size for f in files)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        dtype_name = str(job.base.tensor_dtype(names[0])).removeprefix("torch.")
+        write_hf_config(job, tmp, dtype_name, mlx_config_extra(job, mplan))
+        info = {"format": NAME, "route": mplan.route, "route_description": ROUTES[mplan.route],
+                "reason": mplan.reason, "bias_dtype": mplan.scale_dtype, **mplan.quantization(), **stats}
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance(job, info), indent=2) + "\n")
+        size = sum((tmp / f).stat().st_size for f in files)
+    details = {"route": ROUTES[mplan.route], "bits": mplan.bits, "group_size": mplan.group_size,
+               "bias_dtype": mplan.scale_dtype, "bytes": size, "merge": job.plan.describe(), **stats}
+    return ExportResult(format=NAME, path=Path(out), seconds=time.perf_counter() - start, details=details)
+
+
+# ---------------------------------------------------------------- verification
+
+def detect(path: Path) -> bool:
+    """An mlx-lm folder: ``config.json`` with an affine ``quantization`` and safetensors weights."""
+    path = Path(path)
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file() or not any(path.glob("model*.safetensors")):
+        return False
+    try:
+        quant = json.loads(config.read_text()).get("quantization")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(quant, dict) and quant.get("mode", MODE) == MODE
+
+
+class _Files:
+    """Tensors of an MLX folder by name, read one at a time."""
+
+    def __init__(self, path: Path):
+        self.files = {}
+        for file in sorted(path.glob("model*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                self.files.update({k: file for k in f.keys()})
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        if name not in self.files:
+            return None
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def artifact_plan(path: Path, job: ExportJob) -> MlxPlan:
+    """Read bits, group size and scale dtype from the folder; the route follows from the checkpoint."""
+    quant = json.loads((Path(path) / "config.json").read_text())["quantization"]
+    files = _Files(Path(path))
+    first = next((n for n in job.base.linear_names() if files.get(n[: -len(".weight")] + ".scales") is not None), None)
+    if first is None:
+        raise BadInputError(f"{path} holds no quantized decoder Linear (no *.scales tensors)")
+    scales = files.get(first[: -len(".weight")] + ".scales")
+    dtype = {v: k for k, v in SCALE_DTYPES.items()}.get(scales.dtype)
+    if dtype is None:
+        raise UnsupportedError(f"{path}: scales are {scales.dtype}; this tool checks float16/float32 scales")
+    return resolve_plan(job, int(quant["bits"]), int(quant["group_size"]), dtype, requantize=True)
+
+
+def exact_biases(job: ExportJob, name: str, weight: torch.Tensor, mplan: MlxPlan) -> torch.Tensor:
+    """Exact (float64) ``β'`` per group: the grid's β plus the mean of ΔW over the group."""
+    qw = quantize_minmax(weight, job.ckpt.base_quant, name)
+    beta = expand_blocks(qw.beta.double(), qw.grid)
+    module = job.ckpt.module_for_weight(name)
+    if module is not None:
+        beta = beta + delta_weight(module, torch.float64)
+    return beta.unflatten(1, (-1, mplan.group_size)).mean(dim=2)
+
+
+def _dequant_check(name: str, words, scales, biases, codes, mplan: MlxPlan) -> LayerCheck:
+    """mlx's own ``dequantize`` of the stored tensors equals ``scales*q + biases`` (float32)."""
+    import mlx.core as mx
+
+    got = mx.dequantize(mx.array(words.numpy()), mx.array(scales.float().numpy()), mx.array(biases.float().numpy()),
+                        group_size=mplan.group_size, bits=mplan.bits, mode=MODE)
+    g = mplan.group_size
+    ours = codes.float() * scales.float().repeat_interleave(g, 1) + biases.float().repeat_interleave(g, 1)
+    return LayerCheck(name, "mlx.dequantize vs α·q+β (max abs)", float((torch.from_numpy(np.array(got)) - ours).abs().max()), 0.0)
+
+
+def layer_checks(job: ExportJob, path: Path, mplan: MlxPlan) -> list[LayerCheck]:
+    """Per quantized Linear: codes and scales as expected exactly; biases within half an ulp of exact β'
+    (fold) or equal to min-max of the merge (re-quantized); the packing decodes identically in mlx."""
+    files, checks = _Files(Path(path)), []
+    for name in job.progress(job.base.linear_names(), desc="check layers", unit="layer"):
+        stem = name[: -len(".weight")]
+        words, scales, biases = (files.get(name), files.get(stem + ".scales"), files.get(stem + ".biases"))
+        if words is None or scales is None or biases is None or words.dtype != torch.uint32:
+            checks.append(LayerCheck(name, "quantized (uint32 weight, scales, biases) in artifact", float("inf"), 0.0))
+            continue
+        weight = job.base.tensor(name)
+        expected = expected_weight(job, name, weight, mplan)
+        alpha, beta = row_params(expected, mplan)
+        codes = unpack_codes(words, mplan.bits)
+        same_shape = codes.shape == expected.codes.shape and scales.shape == alpha.shape
+        mismatches = float((codes != expected.codes).sum()) if same_shape else float("inf")
+        checks.append(LayerCheck(name, "codes differing from expected", mismatches, 0.0))
+        scale_err = float((scales.double() - alpha.double()).abs().max()) if same_shape else float("inf")
+        checks.append(LayerCheck(name, "|scales - α| (max)", scale_err, 0.0))
+        if mplan.route == "fold":
+            ratio = half_ulp_ratio(biases, exact_biases(job, name, weight, mplan)) if same_shape else float("inf")
+            checks.append(LayerCheck(name, f"|biases - exact β'| / ulp({mplan.scale_dtype})", ratio, HALF_ULP_LIMIT))
+        else:
+            err = float((biases.double() - beta.double()).abs().max()) if same_shape else float("inf")
+            checks.append(LayerCheck(name, "|biases - min-max β of the merge|", err, 0.0))
+        if same_shape:
+            checks.append(_dequant_check(name, words, scales, biases, codes, mplan))
+    return checks
+
+
+def activation_dtype(path: Path) -> torch.dtype:
+    """The dtype MLX computes in: that of the (unquantized) token embeddings."""
+    emb = _Files(Path(path)).get("model.embed_tokens.weight")
+    return emb.dtype if emb is not None and emb.is_floating_point() else torch.float32
+
+
+def ptq_floor(job: ExportJob, mplan: MlxPlan) -> float:
+    """Relative logit error of min-max quantizing the trained base alone (no adapter) on 1xG groups,
+    float math, on the built-in prompts: the scale of error a re-quantized export must be judged by."""
+    prompts = tokenize_prompts(job.base, DEFAULT_PROMPTS)
+    model = load_hf_model(job.base.path)
+    with torch.no_grad():
+        for name in job.base.linear_names():
+            model.get_parameter(name).copy_(trained_base_weight(name, job.base.tensor(name), job.plan))
+        float_logits = model_logits(model, prompts)
+        for name in job.base.linear_names():
+            param = model.get_parameter(name)
+            param.copy_(quantize_minmax(param.detach().clone(), mplan.target_grid(), name).dequantize())
+        quant_logits = model_logits(model, prompts)
+    return logit_stats(float_logits, quant_logits).max_rel
+
+
+def tolerance(job: ExportJob, path: Path, mplan: MlxPlan) -> Tolerance:
+    act = activation_dtype(path)
+    if act != torch.float32:
+        tol = tolerance_for_dtype(act)
+        return replace(tol, basis=f"MLX computes in {str(act)[6:]} (the embeddings' dtype): {tol.basis}")
+    if mplan.route == "requantize":
+        floor = ptq_floor(job, mplan)
+        return Tolerance(max_rel=PTQ_FACTOR * floor, min_top1=0.5,
+                         basis=f"re-quantized (PTQ): {PTQ_FACTOR:g} x the PTQ error of the base alone "
+                               f"({floor:.2e}); the layer checks prove the file is min-max of the exact merge")
+    if mplan.scale_dtype == "float32":
+        return Tolerance(max_rel=1e-5, min_top1=0.97,
+                         basis="float32 biases: β' rounded to float32, float32 operation-order noise only")
+    u = UNIT_ROUNDOFF[torch.float16]
+    return Tolerance(max_rel=16 * u, min_top1=0.9,
+                     basis="float16 biases: codes and α exact, each β' within half an fp16 ulp (16 x 2^-11, "
+                           "as for fp16 weights); MLX's CPU quantized matmul keeps float32 activations")
+
+
+def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Artifact:
+    if runtime not in (None, "mlx"):
+        raise UnsupportedError(f"an MLX folder runs in mlx-lm (--runtime mlx), not {runtime!r}")
+    path = Path(path)
+    mplan = artifact_plan(path, job)
+
+    def logits(prompts):
+        import mlx.core as mx
+        from mlx_lm import load
+
+        model, _ = load(str(path))
+        out = []
+        for ids in prompts:
+            result = model(mx.array([list(ids)]))
+            out.append(torch.from_numpy(np.array(result[0].astype(mx.float32))))
+        return out
+
+    notes = [f"route: {ROUTES[mplan.route]}"]
+    if mplan.route == "requantize":
+        notes.append(f"not exact: {mplan.reason}")
+    return Artifact(format=NAME, path=path,
+                    description=f"mlx-lm folder, {mplan.bits}-bit affine, groups of {mplan.group_size}, "
+                                f"{mplan.scale_dtype} scales/biases (mlx-lm)",
+                    tolerance=tolerance(job, path, mplan), logits=logits,
+                    layer_checks=lambda: layer_checks(job, path, mplan), notes=tuple(notes))
