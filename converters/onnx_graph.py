@@ -1,0 +1,330 @@
+"""The ONNX decoder graph (llama / mistral / qwen2), built node by node with ``onnx.helper``.
+
+One route, kept in this module: the graph is written directly from the Hugging Face config,
+in plain opset-21 operators (plus ``com.microsoft::MatMulNBits`` for int4 weights), so the
+output is deterministic and needs neither ``torch.onnx`` nor a model builder. It mirrors
+transformers' modeling code, in float32 activations:
+
+* RMSNorm ``x / sqrt(mean(x²) + eps) * w``; rotary embedding ``x·cos + rotate_half(x)·sin`` with
+  ``inv_freq`` computed exactly as transformers does (float32), ``cos/sin`` from ``position_ids``;
+* grouped-query attention without repeating K/V: queries are viewed as
+  ``[B, n_kv, n_rep·S, d]`` (query head ``h`` uses K/V head ``h // n_rep``, as ``repeat_kv``);
+  causal + padding (+ sliding window) mask built from ``attention_mask``; ``present = concat(past, new)``;
+* SwiGLU MLP; tied or untied head.
+
+Inputs/outputs follow onnxruntime-genai's names: ``input_ids``, ``attention_mask``,
+``position_ids``, ``past_key_values.{i}.key/value`` ``[B, n_kv, P, d]`` → ``logits``,
+``present.{i}.key/value``. Weights come from a provider, one linear group at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import numpy as np
+import torch
+from onnx import TensorProto, helper
+
+from blora_export.errors import UnsupportedError
+
+IR_VERSION = 10
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+MS_OPSET = 1
+FLOAT_LOWEST = float(np.finfo(np.float32).min)
+ONNX_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+               np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int64): TensorProto.INT64}
+# rope types whose inv_freq is a constant (transformers computes it once); others depend on the length.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Decoder Linears fused into one ONNX matmul (outputs concatenated in this order)."""
+
+    onnx_name: str
+    members: tuple[str, ...]  # module paths under model.layers.{i}.
+
+
+LINEAR_GROUPS = (
+    LinearGroup("attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    LinearGroup("attn.o_proj", ("self_attn.o_proj",)),
+    LinearGroup("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    LinearGroup("mlp.down_proj", ("mlp.down_proj",)),
+)
+
+
+@dataclass(frozen=True)
+class FloatLinear:
+    """``Y = X @ weight_t (+ bias)``; ``weight_t`` is ``[K, N]`` (float32 or float16, cast at load)."""
+
+    weight_t: np.ndarray
+    bias: Optional[np.ndarray] = None
+
+
+@dataclass(frozen=True)
+class Int4Linear:
+    """``w = α·(q − 8) + c`` per block of ``block_size`` inputs (``c = β + 8α``), see FORMATS.md.
+
+    ``packed`` uint8 ``[N, K/bs, bs/2]`` (low nibble first), ``scales`` float32 ``[N, K/bs]``,
+    ``offsets_t`` float32 ``[K/bs, N]``. Computed as ``MatMulNBits(X, q, α)`` (default zero point 8)
+    plus ``ReduceSum_blocks(X) @ offsets_t``.
+    """
+
+    packed: np.ndarray
+    scales: np.ndarray
+    offsets_t: np.ndarray
+    block_size: int
+    accuracy_level: int
+    bias: Optional[np.ndarray] = None
+
+
+class WeightProvider(Protocol):
+    def linear(self, layer: int, group: LinearGroup) -> FloatLinear | Int4Linear: ...
+
+    def tensor(self, name: str) -> np.ndarray: ...  # embeddings, norms, head: float arrays
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The architecture numbers the graph needs, read from a Hugging Face config."""
+
+    model_type: str
+    num_layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    inv_freq: tuple[float, ...]  # float32 values
+    rope_scaling: float  # transformers' attention_factor (1.0 for default rope)
+    sliding_window: Optional[int]
+    tied: bool
+    context_length: int
+
+    @classmethod
+    def from_config(cls, config: dict, path=None) -> "DecoderSpec":
+        heads = int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+        inv_freq, factor = rope_frequencies(config, head_dim, path)
+        return cls(model_type=config["model_type"], num_layers=int(config["num_hidden_layers"]),
+                   hidden=int(config["hidden_size"]), intermediate=int(config["intermediate_size"]),
+                   vocab=int(config["vocab_size"]), heads=heads,
+                   kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=head_dim,
+                   eps=float(config.get("rms_norm_eps", 1e-6)), inv_freq=inv_freq, rope_scaling=factor,
+                   sliding_window=sliding_window(config), tied=bool(config.get("tie_word_embeddings", False)),
+                   context_length=int(config.get("max_position_embeddings", 4096)))
+
+
+def rope_parameters(config: dict) -> dict:
+    """``rope_parameters`` (transformers 5) or top-level ``rope_theta`` + ``rope_scaling`` (4.x)."""
+    params = dict(config.get("rope_parameters") or {})
+    if not params:
+        params = dict(config.get("rope_scaling") or {})
+        params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_frequencies(config: dict, head_dim: int, path=None) -> tuple[tuple[float, ...], float]:
+    """``inv_freq`` (float32, exactly as transformers computes it) and the cos/sin scaling factor."""
+    params = rope_parameters(config)
+    rope_type = params["rope_type"]
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise UnsupportedError(f"rope type {rope_type!r} depends on the sequence length; the ONNX export "
+                               f"supports {', '.join(STATIC_ROPE_TYPES)}")
+    if config.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedError("partial rotary embeddings are not supported by the ONNX export")
+    if rope_type == "default":
+        base = float(params["rope_theta"])
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim))
+        return tuple(float(v) for v in inv), 1.0
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv, factor = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.from_pretrained(str(path)), None)
+    return tuple(float(v) for v in inv.float()), float(factor)
+
+
+def sliding_window(config: dict) -> Optional[int]:
+    if config["model_type"] == "qwen2" and config.get("use_sliding_window"):
+        raise UnsupportedError("qwen2 with use_sliding_window=true (per-layer windows) is not supported; "
+                               "export a config with use_sliding_window=false")
+    window = config.get("sliding_window") if config["model_type"] == "mistral" else None
+    return int(window) if window else None
+
+
+class Graph:
+    """Nodes, initializers (through a tensor store) and small constants, named deterministically."""
+
+    def __init__(self, store):
+        self.store = store
+        self.nodes: list = []
+        self._consts: dict = {}
+        self._count = 0
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "",
+           **attrs) -> str | list[str]:
+        self._count += 1
+        base = f"/{op_type}_{self._count}"
+        names = outputs if isinstance(outputs, list) else [f"{base}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=base, domain=domain or None, **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        return self.store.add(name, array)
+
+    def const(self, values, dtype=np.int64) -> str:
+        """A small constant initializer, shared by value."""
+        array = np.asarray(values, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.store.add(f"const_{len(self._consts)}", array)
+        return self._consts[key]
+
+
+def rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+    w = g.init(name, weight.astype(np.float32))
+    mean_sq = g.op("ReduceMean", [g.op("Mul", [x, x]), g.const([-1])], keepdims=1)
+    denom = g.op("Sqrt", [g.op("Add", [mean_sq, g.const(eps, np.float32)])])
+    return g.op("Mul", [g.op("Div", [x, denom]), w])
+
+
+def float_weight(g: Graph, name: str, array: np.ndarray) -> str:
+    """A float initializer used in float32 math (float16 storage gets a Cast, folded at load)."""
+    ref = g.init(name, array)
+    return ref if array.dtype == np.float32 else g.op("Cast", [ref], to=TensorProto.FLOAT)
+
+
+def linear(g: Graph, x: str, data: FloatLinear | Int4Linear, name: str) -> str:
+    if isinstance(data, FloatLinear):
+        y = g.op("MatMul", [x, float_weight(g, f"{name}.MatMul.weight", data.weight_t)])
+    else:
+        n, k_blocks, half = data.packed.shape
+        bs = data.block_size
+        q = g.init(f"{name}.MatMulNBits.qweight", data.packed)
+        scales = g.init(f"{name}.MatMulNBits.scales", data.scales)
+        main = g.op("MatMulNBits", [x, q, scales], domain=MS_DOMAIN, K=k_blocks * bs, N=n, bits=4,
+                    block_size=bs, accuracy_level=data.accuracy_level)
+        sums = g.op("ReduceSum", [g.op("Reshape", [x, g.const([0, 0, k_blocks, bs])]), g.const([-1])], keepdims=0)
+        offsets = g.init(f"{name}.block_offsets", data.offsets_t)
+        y = g.op("Add", [main, g.op("MatMul", [sums, offsets])])
+    if data.bias is not None:
+        y = g.op("Add", [y, g.init(f"{name}.bias", data.bias.astype(np.float32))])
+    return y
+
+
+def rotary_tables(g: Graph, spec: DecoderSpec) -> tuple[str, str]:
+    """``cos, sin`` ``[B, 1, S, d]`` from ``position_ids`` (float32, transformers' formula)."""
+    pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], to=TensorProto.FLOAT), g.const([-1])])
+    freqs = g.op("Mul", [pos, g.const(spec.inv_freq, np.float32)])
+    emb = g.op("Concat", [freqs, freqs], axis=-1)
+    tables = []
+    for fn in ("Cos", "Sin"):
+        t = g.op(fn, [emb])
+        if spec.rope_scaling != 1.0:
+            t = g.op("Mul", [t, g.const(spec.rope_scaling, np.float32)])
+        tables.append(g.op("Unsqueeze", [t, g.const([1])]))
+    return tables[0], tables[1]
+
+
+def apply_rotary(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
+    half = head_dim // 2
+    x1, x2 = g.op("Split", [x, g.const([half, half])], outputs=2, axis=-1)
+    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+
+
+def attention_bias(g: Graph, spec: DecoderSpec) -> str:
+    """``[B, 1, S, T]`` additive mask: 0 where allowed (causal, not padding, in the window), else lowest."""
+    seq = g.op("Shape", ["input_ids"], start=1, end=2)
+    total = g.op("Shape", ["attention_mask"], start=1, end=2)
+    scalar = lambda v: g.op("Squeeze", [v, g.const([0])])  # noqa: E731
+    past = g.op("Sub", [total, seq])
+    key_pos = g.op("Range", [g.const(0), scalar(total), g.const(1)])
+    query_pos = g.op("Unsqueeze", [g.op("Range", [scalar(past), scalar(total), g.const(1)]), g.const([1])])
+    allowed = g.op("LessOrEqual", [key_pos, query_pos])
+    if spec.sliding_window:
+        window_start = g.op("Sub", [query_pos, g.const(spec.sliding_window)])
+        allowed = g.op("And", [allowed, g.op("Greater", [key_pos, window_start])])
+    padding = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.BOOL), g.const([1, 2])])
+    allowed = g.op("And", [allowed, padding])
+    return g.op("Where", [allowed, g.const(0.0, np.float32), g.const(FLOAT_LOWEST, np.float32)])
+
+
+def heads_first(g: Graph, x: str, heads: int, head_dim: int) -> str:
+    """``[B, S, h·d]`` → ``[B, h, S, d]``."""
+    return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, heads, head_dim])])], perm=[0, 2, 1, 3])
+
+
+def attention(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvider, ctx: dict) -> str:
+    hd, nh, nkv = spec.head_dim, spec.heads, spec.kv_heads
+    qkv = linear(g, x, weights.linear(i, LINEAR_GROUPS[0]), f"model.layers.{i}.attn.qkv_proj")
+    q, k, v = g.op("Split", [qkv, g.const([nh * hd, nkv * hd, nkv * hd])], outputs=3, axis=-1)
+    q = apply_rotary(g, heads_first(g, q, nh, hd), ctx["cos"], ctx["sin"], hd)
+    k = apply_rotary(g, heads_first(g, k, nkv, hd), ctx["cos"], ctx["sin"], hd)
+    k_all = g.op("Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
+    v_all = g.op("Concat", [f"past_key_values.{i}.value", heads_first(g, v, nkv, hd)],
+                 outputs=[f"present.{i}.value"], axis=2)
+    grouped = g.op("Reshape", [q, g.const([0, nkv, -1, hd])])  # [B, n_kv, n_rep·S, d]
+    scores = g.op("MatMul", [grouped, g.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
+    scores = g.op("Mul", [scores, g.const(hd ** -0.5, np.float32)])
+    scores = g.op("Add", [g.op("Reshape", [scores, g.const([0, nh, -1, 0])]), ctx["mask"]])
+    probs = g.op("Reshape", [g.op("Softmax", [scores], axis=-1), g.const([0, nkv, -1, 0])])
+    out = g.op("Reshape", [g.op("MatMul", [probs, v_all]), g.const([0, nh, -1, hd])])
+    out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd])])
+    return linear(g, out, weights.linear(i, LINEAR_GROUPS[1]), f"model.layers.{i}.attn.o_proj")
+
+
+def mlp(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvider) -> str:
+    gate_up = linear(g, x, weights.linear(i, LINEAR_GROUPS[2]), f"model.layers.{i}.mlp.gate_up_proj")
+    gate, up = g.op("Split", [gate_up, g.const([spec.intermediate, spec.intermediate])], outputs=2, axis=-1)
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+    return linear(g, act, weights.linear(i, LINEAR_GROUPS[3]), f"model.layers.{i}.mlp.down_proj")
+
+
+def decoder_io(spec: DecoderSpec) -> tuple[list, list]:
+    """Graph inputs and outputs with onnxruntime-genai's names and dynamic dimension names."""
+    kv = ["batch_size", spec.kv_heads, "past_sequence_length", spec.head_dim]
+    present = ["batch_size", spec.kv_heads, "total_sequence_length", spec.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                            ["batch_size", "total_sequence_length"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch_size", "sequence_length", spec.vocab])]
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present))
+    return inputs, outputs
+
+
+def build_decoder(spec: DecoderSpec, weights: WeightProvider, store, progress=iter):
+    """The whole decoder as an ``onnx.ModelProto`` without initializers: they stay in ``store``
+    (written as they are made) and join the graph once the store is finished."""
+    g = Graph(store)
+    embed = weights.tensor("model.embed_tokens.weight")
+    embed_ref = float_weight(g, "model.embed_tokens.weight", embed)
+    x = g.op("Gather", [embed_ref, "input_ids"], axis=0)
+    ctx = {"mask": attention_bias(g, spec)}
+    ctx["cos"], ctx["sin"] = rotary_tables(g, spec)
+    for i in progress(range(spec.num_layers), desc="onnx layers", total=spec.num_layers, unit="layer"):
+        h = rms_norm(g, x, weights.tensor(f"model.layers.{i}.input_layernorm.weight"), spec.eps,
+                     f"model.layers.{i}.input_layernorm.weight")
+        x = g.op("Add", [x, attention(g, spec, i, h, weights, ctx)])
+        h = rms_norm(g, x, weights.tensor(f"model.layers.{i}.post_attention_layernorm.weight"), spec.eps,
+                     f"model.layers.{i}.post_attention_layernorm.weight")
+        x = g.op("Add", [x, mlp(g, spec, i, h, weights)])
+    x = rms_norm(g, x, weights.tensor("model.norm.weight"), spec.eps, "model.norm.weight")
+    if spec.tied:
+        head = g.op("Transpose", [embed_ref], perm=[1, 0])
+    else:
+        head = float_weight(g, "lm_head.MatMul.weight", np.ascontiguousarray(weights.tensor("lm_head.weight").T))
+    g.op("MatMul", [x, head], outputs=["logits"])
+    inputs, outputs = decoder_io(spec)
+    graph = helper.make_graph(g.nodes, "blora_decoder", inputs, outputs)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, MS_OPSET)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="blora-export")

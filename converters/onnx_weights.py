@@ -1,0 +1,313 @@
+"""Weights for the ONNX decoder: float (merged), exact int4 (the checkpoint's own codes), re-quantized int4.
+
+Each provider hands :func:`converters.onnx_graph.build_decoder` one fused linear group at a
+time (read from the base one tensor at a time), and the store writes each initializer as soon
+as it is made. The int4 encoding (FORMATS.md) of ``w = α·q + β`` is ``α·(q − 8) + c`` with
+``c = β + 8α``: ``MatMulNBits`` without zero points (default 8) plus a block-sum correction.
+
+* exact: QA-BLoRA on a 4-bit min-max grid, runtime blocks of ``t`` with ``t | block_in`` and
+  ``t | λi``: codes and α are the checkpoint grid's, ``c = β + s·H/λi + 8α`` is computed in
+  float64 and stored in float32 (half an ulp). No float16 rounding of β' is needed: ``c`` is
+  a float32 tensor.
+* requantized: merge exactly (float64), quantize min-max RTN on ``MinMaxGrid(4, 1, t)``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+
+from blora_export.delta import delta_weight
+from blora_export.merge import exact_merged_weight, trained_base_weight
+from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio, round_to
+from blora_export.quant import block_shift, expand_blocks, quantize_minmax, to_row_blocks
+from blora_export.spec import MinMaxGrid
+
+from .base import ExportJob, LayerCheck
+from .onnx_graph import LINEAR_GROUPS, ONNX_DTYPES, FloatLinear, Int4Linear, LinearGroup
+
+ZERO_POINT = 8  # MatMulNBits' default zero point for 4 bits
+INLINE_BYTES = 1024  # small constants stay in model.onnx
+ALIGN = 4096  # external data offsets (page-aligned for memory mapping)
+NUMPY_DTYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.UINT8: np.uint8,
+                TensorProto.INT64: np.int64}
+
+
+def member_names(layer: int, group: LinearGroup, suffix: str = "weight") -> list[str]:
+    return [f"model.layers.{layer}.{m}.{suffix}" for m in group.members]
+
+
+def group_initializer(layer: int, group: LinearGroup, int4: bool) -> str:
+    prefix = f"model.layers.{layer}.{group.onnx_name}"
+    return f"{prefix}.MatMulNBits.qweight" if int4 else f"{prefix}.MatMul.weight"
+
+
+def module_rows(job: ExportJob, layer: int, group: LinearGroup) -> dict[str, tuple[int, int]]:
+    """HF weight name -> ``(start, stop)`` of its outputs in the fused group."""
+    rows, start = {}, 0
+    for name in member_names(layer, group):
+        out_f = job.base.shape(name)[0]
+        rows[name] = (start, start + out_f)
+        start += out_f
+    return rows
+
+
+def pack_int4(codes: torch.Tensor, block: int) -> np.ndarray:
+    """``[N, K]`` codes 0..15 → uint8 ``[N, K/block, block/2]``, low nibble first."""
+    c = codes.to(torch.uint8)
+    packed = c[:, 0::2] | (c[:, 1::2] << 4)
+    return packed.reshape(c.shape[0], c.shape[1] // block, block // 2).numpy()
+
+
+def unpack_int4(packed: np.ndarray) -> torch.Tensor:
+    p = torch.from_numpy(np.array(packed, dtype=np.uint8)).reshape(packed.shape[0], -1)
+    return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
+
+
+def group_bias(job: ExportJob, layer: int, group: LinearGroup) -> np.ndarray | None:
+    """Concatenated biases (qwen2's q/k/v), zeros for members without one; None if no member has one."""
+    names = member_names(layer, group, "bias")
+    if not any(n in job.base.shards for n in names):
+        return None
+    parts = [job.base.tensor(n).float() if n in job.base.shards else torch.zeros(job.base.shape(w)[0])
+             for n, w in zip(names, member_names(layer, group))]
+    return torch.cat(parts).numpy()
+
+
+@dataclass
+class FloatWeights:
+    """Merged float weights: each adapted one the correctly rounded ``trained_base + ΔW``."""
+
+    job: ExportJob
+    dtype: torch.dtype  # float32 or float16 storage (math is float32)
+
+    def merged(self, name: str) -> torch.Tensor:
+        weight = self.job.base.tensor(name)
+        if self.job.ckpt.module_for_weight(name) is not None:
+            return round_to(exact_merged_weight(name, weight, self.job.ckpt, self.job.plan), self.dtype)
+        return trained_base_weight(name, weight, self.job.plan).to(self.dtype)
+
+    def linear(self, layer: int, group: LinearGroup) -> FloatLinear:
+        weight = torch.cat([self.merged(n) for n in member_names(layer, group)])
+        return FloatLinear(weight_t=weight.T.contiguous().numpy(), bias=group_bias(self.job, layer, group))
+
+    def tensor(self, name: str) -> np.ndarray:
+        dtype = torch.float32 if name.endswith("norm.weight") else self.dtype
+        return self.job.base.tensor(name).to(torch.float32).to(dtype).numpy()
+
+
+@dataclass
+class Int4Weights:
+    """int4 weights on runtime blocks of ``block``: exact (the grid's own codes) or re-quantized."""
+
+    job: ExportJob
+    block: int
+    accuracy_level: int
+    requantize: bool
+    added_error: dict = field(default_factory=dict)  # weight name -> max |w_int4 - w_exact| / max |w_exact|
+
+    def codes_scales_offsets(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q [N, K], α [N, K/t] float32, c [N, K/t] float64)`` for one HF weight."""
+        if self.requantize:
+            return self._requantized(name)
+        return exact_int4(self.job, name, self.block)
+
+    def _requantized(self, name: str):
+        weight = self.job.base.tensor(name)
+        exact = exact_merged_weight(name, weight, self.job.ckpt, self.job.plan)
+        qw = quantize_minmax(exact.to(torch.float32), requant_grid(self.block), name)
+        deq = qw.dequantize(torch.float64)
+        self.added_error[name] = float((deq - exact).abs().max() / exact.abs().max().clamp_min(1e-30))
+        alpha, beta = qw.alpha.double(), qw.beta.double()
+        return qw.codes, alpha.float(), beta + ZERO_POINT * alpha
+
+    def linear(self, layer: int, group: LinearGroup) -> Int4Linear:
+        parts = [self.codes_scales_offsets(n) for n in member_names(layer, group)]
+        codes = torch.cat([p[0] for p in parts])
+        scales = torch.cat([p[1] for p in parts]).float()
+        offsets = torch.cat([p[2] for p in parts]).to(torch.float32)
+        return Int4Linear(packed=pack_int4(codes, self.block), scales=scales.numpy(),
+                          offsets_t=offsets.T.contiguous().numpy(), block_size=self.block,
+                          accuracy_level=self.accuracy_level, bias=group_bias(self.job, layer, group))
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self.job.base.tensor(name).to(torch.float32).numpy()
+
+
+def requant_grid(block: int) -> MinMaxGrid:
+    return MinMaxGrid(bits=4, block_out=1, block_in=block)
+
+
+def exact_int4(job: ExportJob, name: str, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checkpoint grid's codes and α on runtime blocks, and ``c = β + s·H/λi + 8α`` (float64)."""
+    grid = job.plan.base_quant
+    qw = quantize_minmax(job.base.tensor(name).to(torch.float32), grid, name)
+    alpha, beta = to_row_blocks(qw, block)
+    offsets = beta.double() + ZERO_POINT * alpha.double()
+    module = job.ckpt.module_for_weight(name)
+    if module is not None:
+        offsets = offsets + block_shift(module, MinMaxGrid(bits=grid.bits, block_out=1, block_in=block))
+    return qw.codes, alpha.float(), offsets
+
+
+class TensorStore:
+    """Initializers, each written to one external data file as soon as it is made.
+
+    ``finish`` moves everything back inline when the total is small (one self-contained
+    ``model.onnx``) and keeps ``location`` beside it otherwise.
+    """
+
+    def __init__(self, folder: Path, location: str):
+        self.folder, self.location = Path(folder), location
+        self.protos: list[TensorProto] = []
+        self._names: set[str] = set()
+        self._file = open(self.folder / location, "wb")
+        self.nbytes = 0
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        if name in self._names:
+            raise ValueError(f"duplicate initializer {name}")
+        self._names.add(name)
+        array = np.ascontiguousarray(array)
+        if array.nbytes < INLINE_BYTES:
+            self.protos.append(numpy_helper.from_array(array, name))
+            return name
+        offset = self._file.tell()
+        pad = (-offset) % ALIGN
+        self._file.write(b"\0" * pad)
+        tensor = TensorProto(name=name, dims=list(array.shape), data_type=ONNX_DTYPES[array.dtype])
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", offset + pad), ("length", array.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self._file.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        self.nbytes += array.nbytes
+        self.protos.append(tensor)
+        return name
+
+    def finish(self, inline_limit: int) -> bool:
+        """Close the data file; inline every tensor when the total is below ``inline_limit``."""
+        self._file.close()
+        data = self.folder / self.location
+        if self.nbytes >= inline_limit:
+            return True
+        with open(data, "rb") as fh:
+            for tensor in self.protos:
+                if tensor.data_location == TensorProto.EXTERNAL:
+                    info = {e.key: e.value for e in tensor.external_data}
+                    fh.seek(int(info["offset"]))
+                    tensor.raw_data = fh.read(int(info["length"]))
+                    del tensor.external_data[:]
+                    tensor.data_location = TensorProto.DEFAULT
+        os.unlink(data)
+        return False
+
+
+class TensorReader:
+    """Initializers of a written ``model.onnx`` by name, reading external data lazily."""
+
+    def __init__(self, model_path: Path):
+        self.folder = Path(model_path).parent
+        model = onnx.load(str(model_path), load_external_data=False)
+        self.tensors = {t.name: t for t in model.graph.initializer}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def array(self, name: str) -> np.ndarray:
+        tensor = self.tensors[name]
+        if tensor.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor).copy()
+        info = {e.key: e.value for e in tensor.external_data}
+        with open(self.folder / info["location"], "rb") as fh:
+            fh.seek(int(info.get("offset", 0)))
+            raw = fh.read(int(info["length"]))
+        return np.frombuffer(raw, dtype=NUMPY_DTYPES[tensor.data_type]).reshape(tuple(tensor.dims)).copy()
+
+
+def locate(weight_name: str) -> tuple[int, LinearGroup]:
+    """``model.layers.{i}.<member>.weight`` -> ``(i, its fused group)``."""
+    _, _, layer, rest = weight_name.split(".", 3)
+    member = rest[: -len(".weight")]
+    return int(layer), next(g for g in LINEAR_GROUPS if member in g.members)
+
+
+def reference_int4(job: ExportJob, name: str, block: int, requantize: bool):
+    """``(codes, α per runtime block, w_ref float64)``: the grid's own codes with ``w_ref = αq + β + ΔW``,
+    or RTN of the exact merge with ``w_ref = αq + β`` (computed independently of the export)."""
+    weight = job.base.tensor(name)
+    module = job.ckpt.module_for_weight(name)
+    if requantize:
+        qw = quantize_minmax(exact_merged_weight(name, weight, job.ckpt, job.plan).to(torch.float32),
+                             requant_grid(block), name)
+    else:
+        qw = quantize_minmax(weight.to(torch.float32), job.plan.base_quant, name)
+    w_ref = expand_blocks(qw.alpha.double(), qw.grid) * qw.codes.double() + expand_blocks(qw.beta.double(), qw.grid)
+    if module is not None and not requantize:
+        w_ref = w_ref + delta_weight(module, torch.float64)
+    return qw.codes, to_row_blocks(qw, block)[0].float(), w_ref
+
+
+def stored_int4(reader: "TensorReader", layer: int, group: LinearGroup, rows: tuple[int, int], block: int):
+    """``(codes [N, K], α [N, K/t], c [N, K/t])`` of one member, read back from the file."""
+    prefix = f"model.layers.{layer}.{group.onnx_name}"
+    start, stop = rows
+    codes = unpack_int4(reader.array(f"{prefix}.MatMulNBits.qweight")[start:stop])
+    scales = torch.from_numpy(reader.array(f"{prefix}.MatMulNBits.scales")[start:stop].copy())
+    offsets = torch.from_numpy(reader.array(f"{prefix}.block_offsets")[:, start:stop].T.copy())
+    return codes, scales, offsets
+
+
+def dequantized_int4(job: ExportJob, model_path: Path, block: int):
+    """Every decoder Linear of an int4 file as float64 ``α·(q − 8) + c``, one at a time."""
+    reader = TensorReader(model_path)
+    for name in job.base.linear_names():
+        layer, group = locate(name)
+        codes, scales, offsets = stored_int4(reader, layer, group, module_rows(job, layer, group)[name], block)
+        alpha = torch.repeat_interleave(scales.double(), block, dim=1)
+        yield name, alpha * (codes.double() - ZERO_POINT) + torch.repeat_interleave(offsets.double(), block, dim=1)
+
+
+def int4_module_checks(job: ExportJob, reader: "TensorReader", name: str, meta: dict) -> list[LayerCheck]:
+    layer, group = locate(name)
+    block, requantize = meta["block_size"], meta["mode"] == "requantized"
+    codes, scales, offsets = stored_int4(reader, layer, group, module_rows(job, layer, group)[name], block)
+    ref_codes, ref_scales, w_ref = reference_int4(job, name, block, requantize)
+    source = "RTN of the exact merge" if requantize else "the checkpoint grid"
+    mismatches = int((codes != ref_codes).sum()) + int((scales != ref_scales).sum())
+    alpha = torch.repeat_interleave(scales.double(), block, dim=1)
+    implied = w_ref - alpha * (codes.double() - ZERO_POINT)  # exactly β + ΔW + 8α where codes/α are right
+    stored = torch.repeat_interleave(offsets, block, dim=1)
+    offset = "β+8α" if requantize else "β+ΔW+8α"
+    return [LayerCheck(name, f"int4 codes, scales = {source}'s (mismatches)", float(mismatches), 0.0),
+            LayerCheck(name, f"|c - ({offset})| / ulp(float32)", half_ulp_ratio(stored, implied), HALF_ULP_LIMIT)]
+
+
+def float_module_check(job: ExportJob, reader: "TensorReader", name: str) -> LayerCheck:
+    layer, group = locate(name)
+    start, stop = module_rows(job, layer, group)[name]
+    stored = torch.from_numpy(reader.array(group_initializer(layer, group, False))[:, start:stop].T.copy())
+    exact = exact_merged_weight(name, job.base.tensor(name), job.ckpt, job.plan)
+    return LayerCheck(name, f"|w - exact| / ulp({str(stored.dtype)[6:]})", half_ulp_ratio(stored, exact),
+                      HALF_ULP_LIMIT)
+
+
+def weight_checks(job: ExportJob, model_path: Path, meta: dict) -> list[LayerCheck]:
+    """Each adapted weight in the file against the exact ``trained_base + ΔW`` (or its RTN)."""
+    reader = TensorReader(model_path)
+    int4 = meta.get("int4")
+    checks = []
+    for module in job.progress(list(job.ckpt.modules.values()), desc="check weights", unit="layer"):
+        layer, group = locate(module.weight_name)
+        if group_initializer(layer, group, int4 is not None) not in reader:
+            checks.append(LayerCheck(module.weight_name, "present in artifact", float("inf"), 0.0))
+        elif int4:
+            checks.extend(int4_module_checks(job, reader, module.weight_name, int4))
+        else:
+            checks.append(float_module_check(job, reader, module.weight_name))
+    return checks
