@@ -1,0 +1,291 @@
+"""What goes into a GGUF model for llama.cpp: architecture table, hyperparameters, tensor plan.
+
+Tensor names come from gguf-py's ``TensorNameMap``. llama.cpp's ``llama`` architecture (which
+also runs Mistral v0.x) rotates adjacent pairs where Hugging Face rotates halves, so the rows of
+``q_proj`` / ``k_proj`` (and their codes, α and β, or LoRA B) are permuted
+(FORMATS.md); ``qwen2`` needs no permutation but its q/k/v biases.
+
+How each decoder Linear is stored (:func:`choose_encoding`):
+
+* ``float``: ``trained_base(W) + ΔW`` from float64, correctly rounded to f32/f16/bf16;
+* ``fold``: QA-BLoRA on a min-max grid whose blocks split into 32-element runs, written as
+  Q4_1/Q5_1 with the checkpoint's own codes and fp16 α and the folded ``β'`` (no re-quantization);
+* ``requantize``: merge, then ``gguf.quants.quantize`` (post-training quantization; error reported).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import gguf
+import numpy as np
+import torch
+from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter
+
+from blora_export.base import DECODER_LINEAR
+from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.merge import exact_merged_weight, trained_base_weight
+from blora_export.quant import fold_into_zero_points, foldable_hint, quantize_minmax, runtime_fold_problems, to_row_blocks
+from blora_export.spec import MinMaxGrid
+
+from .base import ExportJob
+from .gguf_quants import GGUF_TYPES, MIN_TYPE_FOR_BITS, QK, ErrorStats, GGUFType, dequantize, pack_rows, quantize
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How a Hugging Face architecture is written for llama.cpp."""
+
+    gguf_arch: MODEL_ARCH
+    permute_qk: bool  # llama.cpp's llama graph rotates adjacent pairs: permute q/k rows
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec(MODEL_ARCH.LLAMA, permute_qk=True),
+    "mistral": ArchSpec(MODEL_ARCH.LLAMA, permute_qk=True),  # Mistral v0.x runs as llama
+    "qwen2": ArchSpec(MODEL_ARCH.QWEN2, permute_qk=False),
+}
+# Non-parameter buffers some checkpoints carry; llama.cpp computes them itself.
+BUFFERS = ("rotary_emb.inv_freq",)
+ROLE_EMBED = ("token_embd.weight", "output.weight")
+
+
+def arch_spec(model_type: str) -> ArchSpec:
+    if model_type not in ARCHS:
+        raise UnsupportedError(f"GGUF export supports {', '.join(ARCHS)}, not {model_type!r}")
+    return ARCHS[model_type]
+
+
+def rope_theta(config: dict) -> float:
+    """``rope_theta`` at the top level (transformers 4) or in ``rope_parameters`` (transformers 5)."""
+    params = config.get("rope_parameters") or {}
+    theta = config.get("rope_theta", params.get("rope_theta"))
+    return float(theta if theta is not None else 10000.0)
+
+
+def _rope_scaling(config: dict) -> Optional[tuple[str, float]]:
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return "linear", float(params["factor"])
+    raise UnsupportedError(f"rope scaling {kind!r} is not supported by the GGUF export (default and linear are)")
+
+
+@dataclass(frozen=True)
+class HParams:
+    n_layers: int
+    hidden: int
+    intermediate: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    context: int
+    rms_eps: float
+    theta: float
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> "HParams":
+        try:
+            n_head = int(config["num_attention_heads"])
+            hidden = int(config["hidden_size"])
+            return cls(n_layers=int(config["num_hidden_layers"]), hidden=hidden,
+                       intermediate=int(config["intermediate_size"]), n_head=n_head,
+                       n_kv_head=int(config.get("num_key_value_heads") or n_head),
+                       head_dim=int(config.get("head_dim") or hidden // n_head),
+                       context=int(config.get("max_position_embeddings", 2048)),
+                       rms_eps=float(config.get("rms_norm_eps", 1e-6)), theta=rope_theta(config),
+                       tied=bool(config.get("tie_word_embeddings", False)))
+        except KeyError as exc:
+            raise BadInputError(f"config.json lacks {exc.args[0]!r}") from None
+
+
+def write_hparams(writer: GGUFWriter, hp: HParams, config: dict, vocab_rows: int) -> None:
+    writer.add_context_length(hp.context)
+    writer.add_embedding_length(hp.hidden)
+    writer.add_block_count(hp.n_layers)
+    writer.add_feed_forward_length(hp.intermediate)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_kv_head)
+    if hp.head_dim * hp.n_head != hp.hidden:
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_freq_base(hp.theta)
+    scaling = _rope_scaling(config)
+    if scaling is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling[1])
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    writer.add_vocab_size(vocab_rows)
+
+
+def permutation(rows: int, n_head: int) -> torch.Tensor:
+    """Row order llama.cpp wants: ``W.reshape(n, 2, rows//n//2, ...).swapaxes(1, 2)`` (FORMATS.md)."""
+    return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
+
+
+def permute_heads(gguf_name: str, arch: ArchSpec, hp: HParams) -> Optional[int]:
+    """The head count the rows of this tensor are permuted with (``None``: no permutation)."""
+    if not arch.permute_qk:
+        return None
+    if ".attn_q." in gguf_name:
+        return hp.n_head
+    if ".attn_k." in gguf_name:
+        return hp.n_kv_head
+    return None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the output file and how it is made."""
+
+    name: str  # GGUF name
+    source: str  # Hugging Face name
+    shape: tuple[int, ...]  # PyTorch shape ([out, in] or [n])
+    gtype: GGUFType
+    role: str  # "norm" (1-D, F32), "embed" (token_embd/output), "linear" (decoder Linear)
+    heads: Optional[int]  # permute rows with this head count
+
+    def writer_info(self) -> tuple[tuple[int, ...], np.dtype, int, Optional[GGMLQuantizationType]]:
+        """Arguments for ``GGUFWriter.add_tensor_info``: byte shape for raw types."""
+        rows = int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+        cols = self.shape[-1]
+        if self.gtype.name == "f32":
+            return self.shape, np.dtype(np.float32), rows * cols * 4, None
+        if self.gtype.name == "f16":
+            return self.shape, np.dtype(np.float16), rows * cols * 2, None
+        block, size = gguf.GGML_QUANT_SIZES[self.gtype.qtype]
+        if cols % block:
+            raise UnsupportedError(f"{self.source}: {cols} inputs per row do not split into {self.gtype.name} "
+                                   f"blocks of {block}; use --type f16")
+        byte_shape = (*self.shape[:-1], cols // block * size)
+        return byte_shape, np.dtype(np.uint8), rows * (cols // block) * size, self.gtype.qtype
+
+
+def tensor_plan(job: ExportJob, arch: ArchSpec, hp: HParams, gtype: GGUFType, quantize_embeddings: bool) -> list[TensorSpec]:
+    """Every tensor of the output file, in the base's order (shapes only; nothing is read)."""
+    tmap = gguf.get_tensor_name_map(arch.gguf_arch, hp.n_layers)
+    embed_type = gtype if quantize_embeddings and gtype.quantized else (
+        GGUF_TYPES["f32"] if gtype.name == "f32" else GGUF_TYPES["f16"])
+    specs, names = [], job.base.names()
+    if not hp.tied and "lm_head.weight" not in names:
+        raise BadInputError(f"{job.base.path}: config says untied embeddings but there is no lm_head.weight")
+    for source in names:
+        if source.endswith(BUFFERS) or (hp.tied and source == "lm_head.weight"):
+            continue
+        name = tmap.get_name(source, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UnsupportedError(f"{source}: no llama.cpp tensor for it in arch {arch.name}")
+        shape = tuple(job.base.shape(source))
+        if len(shape) == 1:
+            role, t = "norm", GGUF_TYPES["f32"]
+        elif name in ROLE_EMBED:
+            role, t = "embed", embed_type
+        elif DECODER_LINEAR.match(source):
+            role, t = "linear", gtype
+        else:
+            raise UnsupportedError(f"{source}: a 2-D tensor that is neither an embedding nor a decoder Linear")
+        specs.append(TensorSpec(name, source, shape, t, role, permute_heads(name, arch, hp)))
+    return specs
+
+
+def default_type(job: ExportJob) -> GGUFType:
+    """q4_1/q5_1 for QA-BLoRA on a min-max grid of 4/5 bits whose blocks split into 32-runs, else f16."""
+    grid = job.ckpt.base_quant
+    if (job.ckpt.method == "qa-blora" and isinstance(grid, MinMaxGrid) and grid.bits in MIN_TYPE_FOR_BITS
+            and grid.block_in % QK == 0):
+        return MIN_TYPE_FOR_BITS[grid.bits]
+    return GGUF_TYPES["f16"]
+
+
+def fold_problems(job: ExportJob, gtype: GGUFType, base_only: bool) -> list[str]:
+    """Why the checkpoint's own codes cannot be written as ``gtype`` (empty: they can)."""
+    grid, plan = job.ckpt.base_quant, job.plan
+    if not gtype.has_min:
+        return [f"{gtype.name} has no block offset m to fold into"]
+    if not isinstance(grid, MinMaxGrid):
+        return ["the checkpoint names no min-max base grid (blora_config.json base_quant)"]
+    if plan.merge_into != "dequantized":
+        return ["--merge-into original asks for the unquantized base weights"]
+    problems = []
+    if grid.bits != gtype.bits:
+        problems.append(f"the grid has {grid.bits}-bit codes, {gtype.name} stores {gtype.bits}-bit codes")
+    if grid.param_dtype != "float16":
+        problems.append(f"the grid stores α/β as {grid.param_dtype}, {gtype.name} as fp16")
+    if not base_only and job.ckpt.method != "qa-blora":
+        problems.append("only QA-BLoRA updates fold into block offsets (Q-BLoRA merges)")
+    modules = [] if base_only else job.ckpt.modules.values()
+    found = {p for m in modules for p in runtime_fold_problems(grid, m.lambda_in, m.lambda_out, QK)}
+    if base_only and grid.block_in % QK:
+        found.add(f"runtime block {QK} does not divide the grid's block_in {grid.block_in}")
+    return problems + sorted(found)
+
+
+def choose_encoding(job: ExportJob, gtype: GGUFType, requantize: bool, base_only: bool) -> tuple[str, str]:
+    """``(encoding, explanation)`` for the decoder Linears; refuses a QA-BLoRA fold that cannot be exact."""
+    if not gtype.quantized:
+        return "float", f"trained base + ΔW from float64, correctly rounded to {gtype.name}"
+    problems = fold_problems(job, gtype, base_only)
+    if not problems:
+        what = "the trained base's" if base_only else "the checkpoint's"
+        return "fold", (f"{what} own codes and fp16 α written untouched as {gtype.name} qs/d"
+                        + ("" if base_only else "; β' = β + s·H/λi rounded once to fp16 as m (no re-quantization)"))
+    if job.ckpt.method == "qa-blora" and gtype.has_min and not requantize and not base_only:
+        li, lo = next(iter(job.ckpt.modules.values())).lambda_in, next(iter(job.ckpt.modules.values())).lambda_out
+        raise UnsupportedError(f"cannot write the checkpoint's own codes as {gtype.name} ({'; '.join(problems)}); "
+                               f"{foldable_hint(li, lo)}; or pass --requantize (merge, then re-quantize: PTQ, "
+                               "error reported) or --type f16")
+    return "requantize", (f"merge-then-quantize with gguf.quants to {gtype.name} (post-training quantization: "
+                          f"adds error, see ptq_error; {problems[0]})")
+
+
+@dataclass
+class EncodeContext:
+    """What encoding needs besides the tensor: the job, the choices and the running error stats."""
+
+    job: ExportJob
+    encoding: str
+    base_only: bool
+    ptq: ErrorStats
+    embed_ptq: ErrorStats
+
+
+def _rows(x: torch.Tensor, heads: Optional[int]) -> torch.Tensor:
+    return x if heads is None else x[permutation(x.shape[0], heads)]
+
+
+def encode_tensor(spec: TensorSpec, ctx: EncodeContext) -> np.ndarray:
+    """The bytes (or float array) of one tensor; reads one base tensor."""
+    job, weight = ctx.job, ctx.job.base.tensor(spec.source)
+    if spec.role == "norm":
+        return np.ascontiguousarray(_rows(weight.to(torch.float32), spec.heads).numpy())
+    if spec.role == "embed":
+        exact = weight.to(torch.float64)
+        data = quantize(exact, spec.gtype)
+        if spec.gtype.quantized:
+            ctx.embed_ptq.add(dequantize(data, spec.gtype.qtype).reshape(exact.shape), exact)
+        return data
+    module = None if ctx.base_only else job.ckpt.module_for_weight(spec.source)
+    if ctx.encoding == "fold":
+        qw = quantize_minmax(weight.to(torch.float32), job.ckpt.base_quant, spec.source)
+        if module is not None:
+            qw = fold_into_zero_points(qw, module)
+        alpha, beta = to_row_blocks(qw, QK)
+        return pack_rows(_rows(qw.codes, spec.heads), _rows(alpha, spec.heads), _rows(beta, spec.heads),
+                         spec.gtype.qtype)
+    if module is not None:
+        exact = exact_merged_weight(spec.source, weight, job.ckpt, job.plan)
+    else:
+        exact = trained_base_weight(spec.source, weight, job.plan).to(torch.float64)
+    exact = _rows(exact, spec.heads)
+    data = quantize(exact, spec.gtype)
+    if spec.gtype.quantized:
+        ctx.ptq.add(dequantize(data, spec.gtype.qtype).reshape(exact.shape), exact)
+    return data
