@@ -50,16 +50,34 @@ FACTOR_REL_BOUND = 16 * 2.0**-24
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
 
 
-def exact_alpha(scaling: float, rank: int) -> float:
-    """A ``lora_alpha`` with ``lora_alpha / rank == scaling`` exactly in float64 (as PEFT computes it)."""
+def exact_alpha(scaling: float, rank: int) -> float | None:
+    """A ``lora_alpha`` with ``lora_alpha / rank == scaling`` exactly in float64 (as PEFT computes
+    it), or ``None`` when no float64 does (e.g. 0.1 with rank 3)."""
     alpha = scaling * rank
     for _ in range(64):
         got = alpha / rank
         if got == scaling:
             return alpha
         alpha = float(np.nextafter(alpha, np.inf if got < scaling else -np.inf))
-    raise UnsupportedError(f"no lora_alpha gives lora_alpha/{rank} == {scaling!r} exactly; "
+    return None
+
+
+def exact_rank(scaling: float, rank: int) -> int:
+    """The smallest rank ``>= rank`` that has an exact ``lora_alpha`` (a power of two always does);
+    factors are zero-padded to it, which adds exactly nothing to ``ΔW``."""
+    for candidate in range(rank, 2 * rank + 1):
+        if exact_alpha(scaling, candidate) is not None:
+            return candidate
+    raise UnsupportedError(f"no lora_alpha gives lora_alpha/r == {scaling!r} exactly; "
                            "use the 16-bit merge (to-safetensors) instead")
+
+
+def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``A' [r, in]`` and ``B' [out, r]`` to ``rank``: the product is unchanged, exactly."""
+    pad = rank - a.shape[0]
+    if pad == 0:
+        return a, b
+    return (torch.cat([a, a.new_zeros(pad, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], pad)], 1))
 
 
 def factors(job: ExportJob) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -126,6 +144,7 @@ def peft_config(job: ExportJob, ranks: dict[str, int], out: Path) -> dict:
 def write_peft(job: ExportJob, tmp: Path, out: Path) -> dict:
     tensors, ranks = {}, {}
     for name, (a, b) in job.progress(factors(job).items(), desc="factors", unit="module"):
+        a, b = pad_rank(a, b, exact_rank(job.ckpt.scaling, int(a.shape[0])))
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
         ranks[name] = int(a.shape[0])
@@ -153,10 +172,9 @@ def write_mlx(job: ExportJob, tmp: Path) -> dict:
         for key in keys:
             name = f"model.layers.{layer}.{key}"
             out_f, in_f = job.base.shape(name + ".weight")
-            a, b = facts.get(name, (torch.zeros(0, in_f), torch.zeros(out_f, 0)))
-            pad = rank - a.shape[0]
-            tensors[name + ".lora_a"] = torch.cat([a, torch.zeros(pad, in_f)]).T.contiguous().to(FACTOR_DTYPE)
-            tensors[name + ".lora_b"] = torch.cat([b, torch.zeros(out_f, pad)], 1).T.contiguous().to(FACTOR_DTYPE)
+            a, b = pad_rank(*facts.get(name, (torch.zeros(0, in_f), torch.zeros(out_f, 0))), rank)
+            tensors[name + ".lora_a"] = a.T.contiguous().to(FACTOR_DTYPE)
+            tensors[name + ".lora_b"] = b.T.contiguous().to(FACTOR_DTYPE)
     save_file(tensors, str(tmp / MLX_WEIGHTS), metadata={"format": "mlx"})
     config = {"fine_tune_type": "lora", "num_layers": n_layers,
               "lora_parameters": {"rank": rank, "scale": job.ckpt.scaling, "dropout": 0.0, "keys": keys}}
