@@ -267,10 +267,9 @@ def encode_tensor(spec: TensorSpec, ctx: EncodeContext) -> np.ndarray:
     if spec.role == "norm":
         return np.ascontiguousarray(_rows(weight.to(torch.float32), spec.heads).numpy())
     if spec.role == "embed":
-        exact = weight.to(torch.float64)
-        data = quantize(exact, spec.gtype)
+        data = quantize(weight, spec.gtype)
         if spec.gtype.quantized:
-            ctx.embed_ptq.add(dequantize(data, spec.gtype.qtype).reshape(exact.shape), exact)
+            ctx.embed_ptq.add(dequantize(data, spec.gtype.qtype).reshape(weight.shape), weight)
         return data
     module = None if ctx.base_only else job.ckpt.module_for_weight(spec.source)
     if ctx.encoding == "fold":

@@ -117,9 +117,16 @@ def pack_rows(codes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, qtyp
     return block.pack(q, d, m).reshape(rows, (cols // QK) * block.type_size())
 
 
-def encode_float(weight64: torch.Tensor, gtype: GGUFType) -> np.ndarray:
-    """A float weight (float64 exact) correctly rounded to the float type; bf16 as raw bytes."""
-    rounded = round_to(weight64.to(torch.float64), gtype.float_dtype)
+def encode_float(weight: torch.Tensor, gtype: GGUFType) -> np.ndarray:
+    """A float weight correctly rounded to the float type (bf16 as raw bytes).
+
+    float64 goes through ``round_to`` (torch double-rounds float64 -> 16 bits via float32); from
+    float32 or a 16-bit dtype torch's own conversion is a single, correct rounding.
+    """
+    if weight.dtype == torch.float64:
+        rounded = round_to(weight, gtype.float_dtype)
+    else:
+        rounded = weight.to(gtype.float_dtype)
     if gtype.float_dtype == torch.bfloat16:
         return rounded.view(torch.int16).numpy().view(np.uint8).reshape(*rounded.shape[:-1], -1)
     return np.ascontiguousarray(rounded.numpy())
