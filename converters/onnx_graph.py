@@ -106,6 +106,8 @@ class DecoderSpec:
 
     @classmethod
     def from_config(cls, config: dict, path=None) -> "DecoderSpec":
+        if config.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise UnsupportedError(f"hidden_act {config.get('hidden_act')!r}: the ONNX export writes SwiGLU (silu) MLPs")
         heads = int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
         inv_freq, factor = rope_frequencies(config, head_dim, path)

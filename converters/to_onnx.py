@@ -86,8 +86,7 @@ def exact_int4_problems(job: ExportJob, block: int) -> list[str]:
     """Why the checkpoint's own codes cannot be exported exactly on runtime blocks of ``block``."""
     ckpt, plan = job.ckpt, job.plan
     if ckpt.method != "qa-blora":
-        return ["a Q-BLoRA update is dense on each λ cell of a 16-bit merge and has no exact int4 form "
-                "(int4 is merge-then-quantize)"]
+        return ["a Q-BLoRA checkpoint has no exact int4 form: int4 is merge-then-quantize"]
     if plan.merge_into != "dequantized" or not isinstance(plan.base_quant, MinMaxGrid):
         what = plan.base_quant.describe() if plan.base_quant is not None else "no base quantization"
         return [f"the adapter is merged into {plan.merge_into} weights ({what}), not a min-max grid's codes"]
@@ -114,7 +113,9 @@ def int4_weights(job: ExportJob, block_size, accuracy_level: int, requantize: bo
     if requantize:
         log.warning("int4: %s; merging and re-quantizing (min-max RTN, block %d)", "; ".join(problems[block]), block)
         return Int4Weights(job, block, accuracy_level, requantize=True)
-    hints = sorted({foldable_hint(li, lo) for li, lo in job.ckpt.lambdas.values()}) if job.ckpt.method == "qa-blora" else []
+    hints = []
+    if job.ckpt.method == "qa-blora":
+        hints = sorted({foldable_hint(li, lo) for li, lo in job.ckpt.lambdas.values()})
     raise UnsupportedError(f"int4 with block {block} is not exact for {job.ckpt.path} ({'; '.join(problems[block])})"
                            f"{'; ' + '; '.join(hints) if hints else ''}; pass --requantize to merge and re-quantize "
                            "(min-max RTN, reports the added error) or use --precision fp16")

@@ -19,9 +19,8 @@ from blora_export.numerics import logit_stats
 from blora_export.reference import (DEFAULT_PROMPTS, adapter_branches, apply_trained_base, load_hf_model,
                                     reference_logits, tokenize_prompts)
 from blora_export.spec import MinMaxGrid
-from blora_export.verify import run_verify
 from converters import onnx_weights, to_onnx
-from converters.onnx_graph import IR_VERSION, OPSET, Int4Linear, linear, Graph
+from converters.onnx_graph import IR_VERSION, OPSET, Graph, Int4Linear, linear
 
 FLOAT_NOISE = 1e-5  # float32: measured 1-5e-6 relative on all models here
 
