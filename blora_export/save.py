@@ -40,7 +40,7 @@ def peft_adapter_config(modules: Sequence[AdapterModule], rank: int, lora_alpha:
 
 def save_checkpoint(out: str | Path, modules: Sequence[AdapterModule], rank: int, lora_alpha: float,
                     base_model: str, blora: Optional[BloraConfig] = None, use_rslora: bool = False,
-                    qa_key: str = "lora_A", extra_files: Optional[dict[str, str]] = None) -> Path:
+                    qa_key: str = "lora_A", extra_files: Optional[dict[str, str | bytes]] = None) -> Path:
     """Write a checkpoint folder atomically: native when ``blora`` is given, else the paper's layout."""
     if not modules:
         raise BadInputError("save_checkpoint: no modules to save")
@@ -51,6 +51,9 @@ def save_checkpoint(out: str | Path, modules: Sequence[AdapterModule], rank: int
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if blora is not None:
             (tmp / BLORA_CONFIG).write_text(json.dumps(blora.to_json(), indent=2) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
     return out

@@ -5,6 +5,12 @@ min-max grid the base is quantized on (bits, ``block_out`` x ``block_in``) and d
 factors ``λi``, ``λo`` for which the trained update folds exactly into the grid's zero-points
 (``block_in | λi`` and ``block_out | λo``) and into the runtime's 1-D blocks of ``t`` inputs
 (``t | block_in`` and ``t | λi``), see MATH.md. Q-BLoRA has no target: its base is NF4.
+
+Fold-aware training (QA-BLoRA) computes the forward as ``α·q + fp16(β + s·H/λi)`` (straight-through
+gradient through the rounding): exactly the weights of a runtime that stores the folded β' in the
+grid's fp16 (GGUF ``m``, MLX ``biases``). Runtimes that keep the offsets in float32 (the ONNX
+exporter writes ``β+ΔW+8α`` in float32) or 16-bit merges compute the unrounded ``β + ΔW``, which the
+plain adapter branch trains. So the default follows the target (``Target.rounded_beta``).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ class Target:
     lambda_out: int
     runtime_block: Optional[int]
     runtime: str
+    rounded_beta: bool  # the runtime stores β' rounded to the grid's param dtype: fold-aware by default
 
     def problems(self, lambda_in: int, lambda_out: int) -> list[str]:
         """Why ``(λi, λo)`` cannot fold exactly into this target (empty if it can)."""
@@ -46,16 +53,15 @@ class Target:
 
     def would_fold(self) -> str:
         """A one-phrase description of the λ that fold exactly."""
-        step = self.grid.block_in if self.runtime_block is None else self.runtime_block
-        step = max(step, self.grid.block_in)
+        step = self.grid.block_in  # every runtime block in the table divides it
         outs = "any --lambda-out" if self.grid.block_out == 1 else f"--lambda-out a multiple of {self.grid.block_out}"
         return f"--lambda-in a multiple of {step} (e.g. {self.lambda_in}) and {outs}"
 
 
 #: Fixed-name targets; the parametrised families are parsed by :func:`parse_target`.
 FIXED_TARGETS = {
-    "gguf-q4_1": Target("gguf-q4_1", MinMaxGrid(4, 1, 32), 32, DEFAULT_QA_LAMBDA_OUT, 32, "llama.cpp Q4_1"),
-    "gguf-q5_1": Target("gguf-q5_1", MinMaxGrid(5, 1, 32), 32, DEFAULT_QA_LAMBDA_OUT, 32, "llama.cpp Q5_1"),
+    "gguf-q4_1": Target("gguf-q4_1", MinMaxGrid(4, 1, 32), 32, DEFAULT_QA_LAMBDA_OUT, 32, "llama.cpp Q4_1", True),
+    "gguf-q5_1": Target("gguf-q5_1", MinMaxGrid(5, 1, 32), 32, DEFAULT_QA_LAMBDA_OUT, 32, "llama.cpp Q5_1", True),
 }
 ONNX_BLOCKS = (16, 32, 64, 128)
 MLX_BITS = (2, 3, 4, 5, 6, 8)
@@ -78,15 +84,15 @@ def parse_target(name: str) -> Target:
     m = _FAMILIES["onnx"].match(name)
     if m and int(m[1]) in ONNX_BLOCKS:
         bs = int(m[1])
-        return Target(name, MinMaxGrid(4, 1, bs), bs, lo, bs, f"onnxruntime MatMulNBits block {bs}")
+        return Target(name, MinMaxGrid(4, 1, bs), bs, lo, bs, f"onnxruntime MatMulNBits block {bs}", False)
     m = _FAMILIES["mlx"].match(name)
     if m and int(m[1]) in MLX_BITS and int(m[2]) in MLX_GROUPS:
         bits, gs = int(m[1]), int(m[2])
-        return Target(name, MinMaxGrid(bits, 1, gs), gs, lo, gs, f"mlx affine {bits}-bit group {gs}")
+        return Target(name, MinMaxGrid(bits, 1, gs), gs, lo, gs, f"mlx affine {bits}-bit group {gs}", True)
     m = _FAMILIES["paper"].match(name)
     if m and int(m[1]) >= 1 and int(m[2]) >= 1:
         bi, bo = int(m[1]), int(m[2])
-        return Target(name, MinMaxGrid(PAPER_BITS, bo, bi), bi, bo, None, "16-bit export only (paper blocks)")
+        return Target(name, MinMaxGrid(PAPER_BITS, bo, bi), bi, bo, None, "16-bit export only (paper blocks)", False)
     raise UnsupportedError(f"unknown --target {name!r}; targets: {TARGET_HELP}")
 
 
@@ -112,7 +118,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     seed: int = 0
-    fold_aware: bool = True
+    fold_aware: Optional[bool] = None
     max_grad_norm: float = 1.0
     save_every: int = 100
     nf4_backend: str = "auto"
@@ -158,20 +164,22 @@ class AdapterSpec:
     scaling: float  # alpha / rank (the rank written in adapter_config.json)
     base_quant: object  # NF4Base for Q-BLoRA, the target's MinMaxGrid for QA-BLoRA
     target: Optional[Target]
+    fold_aware: bool = False  # QA-BLoRA forward α·q + fp16(β + s·H/λi) instead of base + branch
 
     def to_json(self) -> dict:
         return {"method": self.method, "lambda_in": self.lambda_in, "lambda_out": self.lambda_out,
                 "inner_rank": self.inner_rank, "scaling": self.scaling,
-                "base_quant": self.base_quant.to_json(), "target": self.target.name if self.target else None}
+                "base_quant": self.base_quant.to_json(), "target": self.target.name if self.target else None,
+                "fold_aware": self.fold_aware}
 
 
 def resolve_spec(cfg: TrainConfig, model_type: str) -> AdapterSpec:
     """λ, R, scaling and base quantization from the options; refuse what cannot fold."""
     scaling = float(cfg.alpha) / cfg.rank
     if cfg.method == "q-blora":
-        if cfg.target is not None:
-            raise UnsupportedError("--target applies to --method qa-blora: Q-BLoRA trains on an NF4 base and "
-                                   "exports 16-bit merges (or re-quantizes); drop --target or use qa-blora")
+        if cfg.target is not None or cfg.fold_aware:
+            raise UnsupportedError("--target and --fold-aware apply to --method qa-blora: Q-BLoRA trains on an "
+                                   "NF4 base and exports 16-bit merges (or re-quantizes); drop them or use qa-blora")
         lam = cfg.lambda_ or PAPER_LAMBDA.get(model_type, 2)
         li = cfg.lambda_in or lam
         lo = cfg.lambda_out or lam
@@ -183,4 +191,5 @@ def resolve_spec(cfg: TrainConfig, model_type: str) -> AdapterSpec:
     if problems:
         raise UnsupportedError(f"QA-BLoRA with lambda_in={li}, lambda_out={lo} cannot fold exactly into "
                                f"--target {target.name} ({'; '.join(problems)}); use {target.would_fold()}")
-    return AdapterSpec("qa-blora", li, lo, 0, scaling, target.grid, target)
+    fold_aware = target.rounded_beta if cfg.fold_aware is None else cfg.fold_aware
+    return AdapterSpec("qa-blora", li, lo, 0, scaling, target.grid, target, fold_aware)
