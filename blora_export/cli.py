@@ -221,6 +221,59 @@ def to_peft(ckpt, out_dir, base, layout, json_out, quiet):
     report_export(result, json_out, quiet)
 
 
+@cli.command()
+@click.option("--base", required=True, type=click.Path(file_okay=False), help="Base model folder (Hugging Face, safetensors).")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="JSON lines: instruction/input/output (Alpaca template, prompt masked) or text.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+@click.option("--method", required=True, type=click.Choice(["q-blora", "qa-blora"]))
+@click.option("--lambda", "lambda_", type=click.IntRange(min=1), default=None,
+              help="λ for input and output (Q-BLoRA default: 2 for llama/qwen2, 8 for mistral).")
+@click.option("--lambda-in", type=click.IntRange(min=1), default=None, help="λi (QA-BLoRA default: the target's block).")
+@click.option("--lambda-out", type=click.IntRange(min=1), default=None, help="λo (QA-BLoRA default: 4).")
+@click.option("--target", default=None,
+              help="QA-BLoRA export target (default gguf-q4_1): gguf-q4_1, gguf-q5_1, onnx-int4-<bs>, "
+                   "mlx-<bits>-<gs>, paper-<bi>x<bo>.")
+@click.option("--rank", default=64, show_default=True, type=click.IntRange(min=1),
+              help="LoRA rank r: Q-BLoRA trains R = λi·r; QA-BLoRA uses it only in the scaling alpha/r.")
+@click.option("--alpha", default=16.0, show_default=True, type=float, help="lora_alpha (scaling = alpha / rank).")
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=2e-4, show_default=True, type=float)
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Examples per process and step.")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--fold-aware/--no-fold-aware", default=None,
+              help="QA-BLoRA: train the folded weights α·q + fp16(β + s·H/λi), exactly what a runtime storing β' in "
+                   "fp16 holds (default: on for gguf-*/mlx-*, off for onnx-int4-* and paper-*).")
+@click.option("--save-every", default=100, show_default=True, type=click.IntRange(min=1), help="Checkpoint every N steps.")
+@click.option("--resume", is_flag=True, help="Continue the training saved in --out (same options; --steps may grow).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@json_option
+@common
+def train(base, data, out, method, lambda_, lambda_in, lambda_out, target, rank, alpha, steps, lr, batch_size,
+          seq_len, device, fold_aware, save_every, resume, overwrite, seed, json_out, quiet):
+    """Fine-tune a Q-BLoRA / QA-BLoRA adapter; write a native checkpoint, train_log.jsonl and resumable state."""
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    result = run_training(TrainConfig(
+        base=Path(base), data=Path(data), out=Path(out), method=method, lambda_=lambda_, lambda_in=lambda_in,
+        lambda_out=lambda_out, target=target, rank=rank, alpha=alpha, steps=steps, lr=lr, batch_size=batch_size,
+        seq_len=seq_len, device=device, resume=resume, overwrite=overwrite, seed=seed, fold_aware=fold_aware,
+        save_every=save_every, quiet=quiet))
+    if not result.is_main:
+        return
+    summary = result.to_json()
+    if json_out:
+        _emit_json(summary, json_out)
+    if json_out != "-" and not quiet:
+        click.echo(f"wrote {summary['path']} ({summary['method']}, steps {summary['start_step']}->{summary['steps']}, "
+                   f"{summary['seconds']:.1f} s)")
+        click.echo(f"  loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
+                   f"{summary['mean_tokens_per_s'] or 0:.0f} tokens/s on {summary['device']} x{summary['world_size']}")
+
+
 def main(argv=None) -> None:
     """Entry point: one-line errors, never a traceback (unless --debug)."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
