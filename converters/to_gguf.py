@@ -43,8 +43,6 @@ from .to_safetensors import provenance
 NAME = "gguf"
 DESCRIPTION = "GGUF for llama.cpp: full model (folded Q4_1/Q5_1 codes or merged weights) or LoRA adapter"
 MAGIC = b"GGUF"
-CONTENT_KEY = "blora.content"  # "model" (with the adapter), "base" (without), "adapter"
-ENCODING_KEY = "blora.encoding"
 ADAPTER_TYPES = ("f32", "f16")
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ without the converter. Bounds, with what was measured on these tiny models:
   error on the same kind of file *without the adapter* against the trained base (measured: 4.7e-2
   with vs 2.2e-2 without; the adapted model is ~2x as sensitive even with f32 weights);
 * transformers' GGUF loader dequantizes exactly: the fold differs from the trained model only by
-  the fp16 rounding of β' (measured 4.5e-3 < 16 x 2^-11 = 7.8e-3);
+  the fp16 rounding of β' and the f16 embeddings, whose cost is computed from the checkpoint
+  (gguf_runtime.fold_tolerance; measured 4.5e-3 on the sample, and the file matches it exactly);
 * base + --adapter-only in llama.cpp vs the merged f32 export: 1.7e-4 at most.
 """
 import hashlib
@@ -106,7 +107,9 @@ def test_layer_checks_pass_and_see_a_dropped_one_over_lambda_in(q41, tmp_path, m
 def test_transformers_loader_matches_to_the_fp16_rounding_of_beta(q41, tmp_path):
     out, _, job, ids, ref = q41
     stats = logit_stats(ref.trained, gguf_py_model_logits(out, ids))
-    assert stats.max_rel <= F16_BOUND and stats.top1_agreement >= 0.98, stats  # measured 4.5e-3, 0.991
+    bound = gguf_runtime.fold_tolerance(job)  # 2 x what correctly rounded fp16 β' cost: 2 x 4.5e-3
+    assert stats.max_rel <= bound.max_rel and stats.top1_agreement >= bound.min_top1, (stats, bound)
+    assert stats.max_rel <= F16_BOUND  # measured 4.5e-3, top-1 0.991
     # the usual pipeline (merge into the original weights, then quantize) is far off
     ptq = tmp_path / "ptq.gguf"
     export(job.ckpt.path, ptq, gguf_type="q4_1", merge_into="original", requantize=True)
@@ -176,7 +179,7 @@ def test_qwen2_and_mistral_load_and_match(tiny_base, make_ckpt, tmp_path, arch, 
     reader = GGUFReader(str(f32))
     assert reader.get_field(f"{'qwen2' if arch == 'qwen2' else 'llama'}.rope.freq_base").contents() == 1e6
     assert logit_stats(ref.trained, llama_cpp_logits(f32, ids)).max_rel <= LLAMA_F32_BOUND
-    assert logit_stats(ref.trained, gguf_py_model_logits(q41, ids)).max_rel <= F16_BOUND
+    assert logit_stats(ref.trained, gguf_py_model_logits(q41, ids)).max_rel <= gguf_runtime.fold_tolerance(job).max_rel
     llm = llama_cpp.Llama(model_path=str(f32), vocab_only=True, verbose=False)
     assert [llm.tokenize(p.encode(), add_bos=True) for p in DEFAULT_PROMPTS] == ids
 
