@@ -271,3 +271,23 @@ def test_verify_in_llama_cpp(q41):
     report = api.verify(job.ckpt.path, out, runtime="llama.cpp", quiet=True)
     assert report.passed, report.to_json()
     assert report.tolerance.max_rel < report.adapter_effect / 4
+
+
+def test_five_bit_grid_gives_q5_1_with_its_own_codes(tiny_base, make_ckpt, tmp_path):
+    ckpt = make_ckpt(tiny_base("llama"), "qa-blora", 32, 4, base_quant=MinMaxGrid(5, 1, 32))
+    out = tmp_path / "q51.gguf"
+    assert export(ckpt, out).details["type"] == "q5_1"
+    report = api.verify(ckpt, out, quiet=True)
+    assert report.passed, report.to_json()
+    exact = [c for c in report.layers if "QuantizedWeight" in c.check]
+    assert len(exact) == 14 and all(c.value == 0.0 for c in exact)  # gguf-py dequant == our codes, fp32-exact
+
+
+def test_quantized_embeddings_report_their_error(samples, tmp_path):
+    out = tmp_path / "qe.gguf"
+    result = export(samples / "qa-blora-q4_1", out, quantize_embeddings=True)
+    assert result.details["embeddings"] == "q4_1" and result.details["embedding_ptq_error"]["tensors"] == 2
+    types = {t.name: t.tensor_type for t in GGUFReader(str(out)).tensors}
+    assert types["token_embd.weight"] == types["output.weight"] == gguf.GGMLQuantizationType.Q4_1
+    report = api.verify(samples / "qa-blora-q4_1", out, quiet=True)  # bound: 4 x the same PTQ on the base
+    assert report.passed and "post-training quantization" in report.tolerance.basis, report.to_json()
