@@ -291,3 +291,5 @@ def test_quantized_embeddings_report_their_error(samples, tmp_path):
     assert types["token_embd.weight"] == types["output.weight"] == gguf.GGMLQuantizationType.Q4_1
     report = api.verify(samples / "qa-blora-q4_1", out, quiet=True)  # bound: 4 x the same PTQ on the base
     assert report.passed and "post-training quantization" in report.tolerance.basis, report.to_json()
+    # 4-bit embeddings of a tiny random model are lossy (measured 0.48 relative): verify says so
+    assert any("cannot tell" in note for note in report.notes)
