@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import gguf
 from gguf import GGUFWriter, SpecialVocab, TokenType
@@ -197,6 +198,18 @@ def hf_adds_special(base: Path) -> dict[str, bool]:
             "eos": bool(ids) and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id}
 
 
+@contextmanager
+def quiet_logger(name: str, level: int) -> Iterator[None]:
+    """Raise one of gguf-py's loggers to ``level`` for the duration (restored after)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def write_tokenizer(writer: GGUFWriter, base: Path, rows: int) -> dict:
     """Write ``tokenizer.ggml.*`` for the tokenizer in ``base``; return a summary for the result details."""
     vocab = fit_to_rows(read_vocab(base), rows)
@@ -207,13 +220,8 @@ def write_tokenizer(writer: GGUFWriter, base: Path, rows: int) -> dict:
     if vocab.model == "llama":
         writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
-    vocab_log = logging.getLogger("gguf.vocab")
-    level = vocab_log.level
-    vocab_log.setLevel(logging.ERROR)  # its TemplateProcessing heuristics warn about the <s> of a pair template
-    try:
+    with quiet_logger("gguf.vocab", logging.ERROR):  # its heuristics warn about the <s> of a pair template
         special = SpecialVocab(base, load_merges=vocab.model == "gpt2", n_vocab=rows)
-    finally:
-        vocab_log.setLevel(level)
     if vocab.model == "gpt2" and not special.merges:
         raise BadInputError(f"{base}: a byte-level BPE tokenizer needs its merges (tokenizer.json or merges.txt)")
     special.add_special_token.update(hf_adds_special(base))

@@ -37,7 +37,7 @@ from .base import Artifact, ExportJob, ExportResult
 from .gguf_model import (ArchSpec, EncodeContext, HParams, TensorSpec, arch_spec, choose_encoding, default_type,
                          encode_tensor, permutation, permute_heads, tensor_plan, write_hparams)
 from .gguf_quants import GGUF_TYPES, ErrorStats, GGUFType, encode_float
-from .gguf_tokenizer import write_tokenizer
+from .gguf_tokenizer import quiet_logger, write_tokenizer
 from .to_safetensors import provenance
 
 NAME = "gguf"
@@ -87,7 +87,7 @@ def _write_general(writer: GGUFWriter, job: ExportJob, kind: str, content: str, 
 def _write_gguf(out: Path, arch: ArchSpec, write_kv: Callable[[GGUFWriter], None], specs: list[TensorSpec],
                 encode: Callable[[TensorSpec], np.ndarray], progress: Callable) -> None:
     """Tensor infos first, then each tensor's data as it is made; atomically."""
-    with atomic_file(out) as tmp:
+    with atomic_file(out) as tmp, quiet_logger("gguf.gguf_writer", logging.WARNING):
         writer = GGUFWriter(tmp, arch.name)
         try:
             write_kv(writer)
