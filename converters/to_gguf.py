@@ -114,6 +114,8 @@ def export(job: ExportJob, out: Path, gguf_type: str | None = None, adapter_only
     arch = arch_spec(job.base.model_type)
     hp = HParams.from_config(job.base.config)
     if adapter_only:
+        if requantize or quantize_embeddings or force_requantize:
+            raise UnsupportedError("--requantize and --quantize-embeddings apply to full models, not --adapter-only")
         details = _export_adapter(job, Path(out), arch, hp, gguf_type)
     else:
         gtype = _gguf_type(gguf_type, job)
