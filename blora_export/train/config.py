@@ -24,6 +24,7 @@ from ..quant import fold_problems, runtime_fold_problems
 from ..spec import METHODS, MinMaxGrid, NF4Base
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "float32", "bf16")
 DEFAULT_TARGET = "gguf-q4_1"
 #: λ for Q-BLoRA by architecture: the paper recommends 2 for LLaMA/LLaMA2 and 8 for Mistral
 #: (Sec. 4.3); it gives none for Qwen2, which gets the LLaMA value.
@@ -121,7 +122,9 @@ class TrainConfig:
     fold_aware: Optional[bool] = None
     max_grad_norm: float = 1.0
     save_every: int = 100
-    nf4_backend: str = "auto"
+    nf4_backend: str = "auto"  # auto: bitsandbytes on CUDA, the core's NF4 mirror on CPU
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    gradient_checkpointing: Optional[bool] = None  # None: on CUDA only
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -139,6 +142,8 @@ class TrainConfig:
             problems.append("--lr, --alpha and the gradient clip must be > 0")
         if self.device not in DEVICES:
             problems.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.nf4_backend not in ("auto", "core", "bitsandbytes"):
             problems.append(f"nf4_backend must be auto, core or bitsandbytes, got {self.nf4_backend!r}")
         if self.lambda_ is not None and (self.lambda_in is not None or self.lambda_out is not None):

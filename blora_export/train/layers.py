@@ -111,10 +111,11 @@ class _BlockOffsetLinear(torch.autograd.Function):
 
     ``dL/dβ[block] = Σ_{o in block} Σ_tokens g[t, o] · Σ_{i in block} x[t, i]``: a matmul with
     the block-summed input (``in/block_in`` columns), never the dense ``[out, in]`` weight gradient.
+    Under autocast the output (so its gradient) is bf16 and ``grad_x`` is computed in it; the β
+    gradient is always accumulated in float32 (backward runs outside autocast).
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, beta, codes, alpha, grid):
         weight = QuantizedWeight(codes, alpha, beta, grid).dequantize()
         ctx.save_for_backward(x, beta, codes, alpha)
@@ -122,7 +123,6 @@ class _BlockOffsetLinear(torch.autograd.Function):
         return F.linear(x, weight)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         x, beta, codes, alpha = ctx.saved_tensors
         grid = ctx.grid
@@ -132,9 +132,8 @@ class _BlockOffsetLinear(torch.autograd.Function):
             grad_x = (grad @ weight.to(grad.dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
             out_f, in_f = codes.shape
-            with torch.autocast(x.device.type, enabled=False):
-                xs = x.reshape(-1, in_f).float().unflatten(-1, (in_f // grid.block_in, grid.block_in)).sum(-1)
-                full = grad.reshape(-1, out_f).float().T @ xs
+            xs = x.reshape(-1, in_f).float().unflatten(-1, (in_f // grid.block_in, grid.block_in)).sum(-1)
+            full = grad.reshape(-1, out_f).float().T @ xs
             grad_beta = full.view(out_f // grid.block_out, grid.block_out, -1).sum(1)
         return grad_x, grad_beta, None, None, None
 
@@ -182,7 +181,7 @@ class BLoRALinear(nn.Module):
     def folded_beta(self) -> torch.Tensor:
         """``fp16(β + s·H/λi)`` per block (float32 values) with a straight-through gradient to ``H``."""
         base, grid = self.base, self.base.grid
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(self.lora_H.device.type, enabled=False):  # the exporter's own fold
             value = fold_into_zero_points(base.quantized(), self.adapter_module(detach=False)).beta.float()
         rows = torch.arange(0, self.out_features, grid.block_out, device=value.device) // self.lambda_out
         cols = torch.arange(0, self.in_features, grid.block_in, device=value.device) // self.lambda_in

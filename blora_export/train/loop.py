@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import distributed as dist
@@ -39,14 +40,15 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world: int = 1
+    bf16: bool = False  # bf16 autocast around forward and loss (the adapter stays float32)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def all_sum(self, *values: float) -> list[float]:
@@ -85,13 +87,13 @@ class TrainResult:
                 "mean_tokens_per_s": sum(tok_s) / len(tok_s) if tok_s else None}
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
+def pick_device(requested: str, local_rank: int, precision: str) -> torch.device:
     has_cuda = torch.cuda.is_available()
     if requested == "cuda" and not has_cuda:
         raise UnsupportedError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
     if requested == "cpu" or not has_cuda:
         return torch.device("cpu")
-    if not torch.cuda.is_bf16_supported():
+    if precision != "float32" and not torch.cuda.is_bf16_supported():
         raise UnsupportedError("this GPU has no bfloat16 support (needed for bf16 autocast); use --device cpu")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
@@ -101,12 +103,13 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
     """Single process, or join the process group ``torchrun`` / ``accelerate launch`` set up."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(cfg.device, local_rank)
+    device = pick_device(cfg.device, local_rank, cfg.precision)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if world == 1:
-        return Runtime(device)
+        return Runtime(device, bf16=bf16)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, dist.get_rank(), dist.get_world_size())
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), bf16)
 
 
 def loss_sum(model, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -139,6 +142,15 @@ def train_step(model, params, optimizer, batch: Batch, rt: Runtime, cfg: TrainCo
     return row
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant: frozen inputs are fine)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def check_out(cfg: TrainConfig) -> None:
     out = Path(cfg.out)
     if cfg.resume or not out.exists() or cfg.overwrite:
@@ -147,7 +159,25 @@ def check_out(cfg: TrainConfig) -> None:
                         "replace it, or choose another --out")
 
 
-def prepare(cfg: TrainConfig, rt: Runtime):
+@dataclass
+class Session:
+    """Everything one training run holds: the adapter spec, data, model, optimizer, resumed state."""
+
+    spec: AdapterSpec
+    examples: list
+    pad_id: int
+    model: torch.nn.Module
+    layers: list  # the BLoRALinear layers, in module order
+    optimizer: torch.optim.Optimizer
+    meta: dict  # fingerprint and facts saved with the state
+    resumed: Optional[st.ResumeState]
+
+    @property
+    def params(self) -> list:
+        return [p for layer in self.layers for p in layer.parameters() if p.requires_grad]
+
+
+def prepare(cfg: TrainConfig, rt: Runtime) -> Session:
     """Base, adapter spec, examples, model, optimizer and the resumed state (if any)."""
     check_out(cfg)
     base = BaseModel.open(cfg.base)
@@ -157,10 +187,12 @@ def prepare(cfg: TrainConfig, rt: Runtime):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     progress = progress_factory(cfg.quiet or not rt.main)
     model, layers = build_model(base, spec, rt.device, cfg.seed, cfg.nf4_backend, progress)
-    if rt.device.type == "cuda":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing or (checkpointing is None and rt.device.type == "cuda"):
+        enable_checkpointing(model)
     model.train()
-    params = [p for layer in layers.values() for p in layer.parameters() if p.requires_grad]
+    layers = list(layers.values())
+    params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     meta = {"fingerprint": st.fingerprint(cfg, spec, file_sha256(cfg.data), cfg.batch_size * rt.world),
             "examples": len(examples)}
@@ -168,8 +200,8 @@ def prepare(cfg: TrainConfig, rt: Runtime):
     if cfg.resume:
         resumed = st.read_state(cfg.out)
         st.check_fingerprint(resumed, meta["fingerprint"], cfg.out)
-        st.restore(resumed, list(layers.values()), optimizer)
-    return spec, examples, pad_id, model, layers, params, optimizer, meta, resumed
+        st.restore(resumed, layers, optimizer)
+    return Session(spec, examples, pad_id, model, layers, optimizer, meta, resumed)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -183,28 +215,29 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
-    spec, examples, pad_id, model, layers, params, optimizer, meta, resumed = prepare(cfg, rt)
-    start = resumed.step if resumed else 0
-    rows = list(resumed.log_rows) if resumed else []
+    ses = prepare(cfg, rt)
+    start = ses.resumed.step if ses.resumed else 0
+    rows = list(ses.resumed.log_rows) if ses.resumed else []
+    model, params = ses.model, ses.params
     if rt.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     t0 = time.perf_counter()
     bar = _bar(cfg, rt, start)
     for step in range(start, cfg.steps):
-        batch = rank_batch(examples, cfg.seed, step, cfg.batch_size, rt.rank, rt.world, pad_id).to(rt.device)
-        row = {"step": step + 1, **train_step(model, params, optimizer, batch, rt, cfg)}
+        batch = rank_batch(ses.examples, cfg.seed, step, cfg.batch_size, rt.rank, rt.world, ses.pad_id)
+        row = {"step": step + 1, **train_step(model, params, ses.optimizer, batch.to(rt.device), rt, cfg)}
         rows.append(row)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _save(cfg, spec, layers, optimizer, step + 1, rows, meta, rt)
+            _save(cfg, ses, step + 1, rows, rt)
     if bar is not None:
         bar.close()
     if start >= cfg.steps:
         log.warning("%s is already at step %d >= --steps %d: nothing to train", cfg.out, start, cfg.steps)
-    return TrainResult(Path(cfg.out), spec.method, spec.to_json(), str(rt.device), rt.world, start, cfg.steps,
+    return TrainResult(Path(cfg.out), ses.spec.method, ses.spec.to_json(), str(rt.device), rt.world, start, cfg.steps,
                        time.perf_counter() - t0, rows, rt.main)
 
 
@@ -216,9 +249,8 @@ def _bar(cfg: TrainConfig, rt: Runtime, start: int):
     return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=False)
 
 
-def _save(cfg: TrainConfig, spec: AdapterSpec, layers: dict, optimizer, step: int, rows: list, meta: dict,
-          rt: Runtime) -> None:
+def _save(cfg: TrainConfig, ses: Session, step: int, rows: list, rt: Runtime) -> None:
     if rt.main:
-        st.write_checkpoint(cfg, spec, list(layers.values()), optimizer, step, rows, meta)
+        st.write_checkpoint(cfg, ses.spec, ses.layers, ses.optimizer, step, rows, ses.meta)
         log.debug("saved %s at step %d", cfg.out, step)
     rt.barrier()
