@@ -247,6 +247,10 @@ def open_gguf(path: Path, job: ExportJob, runtime: Optional[str]) -> Artifact:
     notes = []
     if info.checkpoint_sha256 and info.checkpoint_sha256 != job.ckpt.sha256:
         notes.append(f"{path.name} was written from another checkpoint (sha256 {info.checkpoint_sha256[:12]}...)")
+    if info.encoding == "requantize" or info.embeddings_quantized:
+        notes.append("post-training quantization: the file approximates the trained function (the export's "
+                     "ptq_error gives the weight error); the bound is what the same re-quantization costs the "
+                     "base alone, so a failure here is the error the re-quantization adds because of the adapter")
     if runtime == "llama.cpp":
         require_llama_cpp()
         logits, tolerance, description = _llama_cpp(path, job, info)
