@@ -254,6 +254,9 @@ def test_non_foldable_grid_is_refused_in_one_line(tiny_base, make_ckpt, tmp_path
     assert not (tmp_path / "x.gguf").exists()
     done = export(ckpt, tmp_path / "ptq.gguf", requantize=True)
     assert done.details["encoding"] == "requantize" and 0 < done.details["ptq_error"]["weight_rel_rms"] < 0.2
+    # the base alone re-quantizes losslessly (it is on the grid); the adapter's shift is not: verify says so
+    report = api.verify(ckpt, tmp_path / "ptq.gguf", quiet=True)
+    assert not report.passed and report.logits.max_rel > 0.1, report.to_json()  # measured 0.385
 
 
 def test_verify_cli_and_a_missing_llama_cpp(q41, monkeypatch, capsys):
