@@ -171,17 +171,19 @@ GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_1", "q5_1"]
               help="Tensor type of the Linear weights (default: q4_1/q5_1 for a QA-BLoRA checkpoint on a "
                    "1x32 min-max grid, else f16).")
 @click.option("--adapter-only", is_flag=True, help="Write a llama.cpp LoRA adapter GGUF instead of a full model.")
+@click.option("--base-only", is_flag=True,
+              help="Write the base the adapter was trained against, without it (what --adapter-only runs on).")
 @click.option("--requantize", is_flag=True,
               help="When the checkpoint's grid does not fold into the type, merge and re-quantize (PTQ).")
 @click.option("--quantize-embeddings", is_flag=True,
               help="Quantize token embeddings and the output head too (adds PTQ error, reported).")
 @json_option
 @common
-def to_gguf(ckpt, out_file, base, merge_into, gguf_type, adapter_only, requantize, quantize_embeddings,
+def to_gguf(ckpt, out_file, base, merge_into, gguf_type, adapter_only, base_only, requantize, quantize_embeddings,
             json_out, quiet):
     """Write a GGUF model (or LoRA adapter) that llama.cpp runs."""
     result = api.export(ckpt, out_file, "gguf", base=base, merge_into=merge_into, quiet=quiet,
-                        gguf_type=gguf_type, adapter_only=adapter_only, requantize=requantize,
+                        gguf_type=gguf_type, adapter_only=adapter_only, base_only=base_only, requantize=requantize,
                         quantize_embeddings=quantize_embeddings)
     report_export(result, json_out, quiet)
 
