@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-from converters import converter, detect_format
 from converters.base import ExportJob, ExportResult
 
 from .base import BaseModel
@@ -32,6 +31,8 @@ def open_job(ckpt: str | Path, base: str | Path | None = None, merge_into: Optio
 def export(ckpt: str | Path, out: str | Path, format: str, base: str | Path | None = None,
            merge_into: Optional[str] = None, quiet: bool = False, **options) -> ExportResult:
     """Export a checkpoint to ``format`` (``safetensors``, ``gguf``, ``onnx``, ``mlx``, ``peft``)."""
+    from converters import converter
+
     module = converter(format)
     job = open_job(ckpt, base, merge_into, quiet)
     result = module.export(job, Path(out), **options)
@@ -56,6 +57,8 @@ def verify(ckpt: str | Path, artifact: str | Path | None = None, base: str | Pat
            prompts: Sequence[str] | None = None, dtype: str = "float16", merge_into: Optional[str] = None,
            quiet: bool = False, **artifact_options) -> VerifyReport:
     """Check a merge (no ``artifact``) or an exported artifact against the training-time model."""
+    from converters import detect_format
+
     fmt = detect_format(Path(artifact)) if artifact is not None else None  # validate early
     job = open_job(ckpt, base, merge_into, quiet)
     opened = fmt.open_artifact(Path(artifact), job, **artifact_options) if fmt is not None else None

@@ -102,8 +102,13 @@ def merged_tensors(base: BaseModel, ckpt: Checkpoint, plan: MergePlan, dtype: to
     for name in base.names():
         weight = base.tensor(name)
         if ckpt.module_for_weight(name) is not None:
-            yield name, round_to(exact_merged_weight(name, weight, ckpt, plan), dtype)
+            merged = round_to(exact_merged_weight(name, weight, ckpt, plan), dtype)
         elif weight.is_floating_point():
-            yield name, trained_base_weight(name, weight, plan).to(dtype)
+            merged = trained_base_weight(name, weight, plan).to(dtype)
         else:
             yield name, weight
+            continue
+        if not torch.isfinite(merged).all():
+            raise UnsupportedError(f"{name} overflows {str(dtype)[6:]} after merging; "
+                                   "use --dtype bfloat16 or float32")
+        yield name, merged

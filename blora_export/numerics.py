@@ -31,20 +31,22 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     PyTorch converts float64 to float16/bfloat16 through float32, which double-rounds: about
     one value in 10^4 lands an ulp off (measured: 0.50006 ulp worst case on 10^6 normals).
-    The double-rounded value is within one ulp, so the right one is it or a neighbour.
+    A double-rounded value is at most one ulp off, away from ``x``: where it is farther than
+    half the gap to its neighbour toward ``x`` (or exactly half and odd), take the neighbour.
     """
     if dtype in (torch.float64, torch.float32) or not x.is_floating_point():
         return x.to(dtype)
+    x = x.to(torch.float64)
     first = x.to(torch.float32).to(dtype)
-    up = torch.nextafter(first, torch.full_like(first, float("inf")))
-    down = torch.nextafter(first, torch.full_like(first, float("-inf")))
-    cands = torch.stack([down, first, up])
-    dist = (cands.to(torch.float64) - x.to(torch.float64)).abs()
-    odd = (cands.view(torch.int16) & 1).to(torch.float64)
-    best = dist.min(dim=0).values
-    score = (dist > best).to(torch.float64) * 2 + odd
-    pick = torch.where(torch.isfinite(best), score.argmin(dim=0), torch.ones_like(best, dtype=torch.long))
-    return cands.gather(0, pick.unsqueeze(0)).squeeze(0)
+    f64 = first.to(torch.float64)
+    diff = x - f64
+    toward = torch.where(diff >= 0, float("inf"), float("-inf")).to(dtype)
+    neighbour = torch.nextafter(first, toward)
+    half_gap = (neighbour.to(torch.float64) - f64).abs() * 0.5
+    err = diff.abs()
+    odd = (first.view(torch.int16) & 1).bool()
+    wrong = (err > half_gap) | ((err == half_gap) & odd & (err > 0))
+    return torch.where(wrong & torch.isfinite(f64), neighbour, first)
 
 
 # float64 cannot hold the exact sum of two float64 values either: allow its own rounding.

@@ -88,4 +88,3 @@ class Artifact:
     # Set for float-weight artifacts: verify measures this dtype's rounding floor on the base
     # and widens the tolerance to FLOOR_FACTOR x that floor when it is larger.
     weight_dtype: Optional[torch.dtype] = None
-    baseline_logits: Optional[Callable[[Sequence[Sequence[int]]], list[torch.Tensor]]] = None
