@@ -90,7 +90,6 @@ def test_q_blora_starts_as_the_base_with_peft_init():
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_bitsandbytes_base_equals_the_core_nf4(double_quant):
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes (the CUDA path of Q-BLoRA) is optional")
     w = torch.randn(96, 128, generator=gen(0)) * 0.05
     bnb_base = BnbNF4Base(w, 64, double_quant)
     core = DenseBase(nf4_roundtrip(w, NF4Spec(64, double_quant)))
