@@ -180,6 +180,7 @@ class Session:
 def prepare(cfg: TrainConfig, rt: Runtime) -> Session:
     """Base, adapter spec, examples, model, optimizer and the resumed state (if any)."""
     check_out(cfg)
+    torch.manual_seed(cfg.seed + rt.rank)  # dropout, if a base has any (a resumed run restores the saved RNG)
     base = BaseModel.open(cfg.base)
     spec = resolve_spec(cfg, base.model_type)
     tokenizer = load_tokenizer(base.path)
