@@ -81,6 +81,7 @@ def describe_checkpoint(ckpt: Checkpoint, base: BaseModel) -> dict:
     return {"checkpoint": str(ckpt.path), "layout": ckpt.layout, "method": ckpt.method,
             "rank": ckpt.rank, "lora_alpha": ckpt.lora_alpha, "use_rslora": ckpt.use_rslora,
             "scaling": ckpt.scaling, "base": str(base.path), "architecture": base.model_type,
+            "forward": ckpt.forward,
             "base_quant": None if ckpt.base_quant is None else ckpt.base_quant.to_json(),
             "adapter_parameters": sum(m["parameters"] for m in modules.values()),
             "base_parameters": base_params, "sha256": ckpt.sha256, "modules": modules}

@@ -45,6 +45,11 @@ class Checkpoint:
     base_quant: BaseQuant
     base_path: Path
     sha256: str
+    forward: str = "branch"  # "folded": trained fold-aware (blora_config.json "forward")
+
+    @property
+    def folded_forward(self) -> bool:
+        return self.forward == "folded"
 
     @property
     def lambdas(self) -> dict[str, tuple[int, int]]:
@@ -110,13 +115,24 @@ def load_checkpoint(path: str | Path, base: BaseModel | str | Path | None = None
     rank, alpha, rslora = _rank_alpha(ckpt_dir, adapter_config)
     scaling = adapter_scaling(alpha, rank, rslora)
     modules = _build_modules(ckpt_dir, tensors, base, blora, scaling)
+    if blora is not None and blora.forward == "folded":
+        _check_folded(ckpt_dir, blora)
     methods = {m.method for m in modules.values()}
     if len(methods) > 1:
         raise UnsupportedError(f"{ckpt_dir}: mixes Q-BLoRA and QA-BLoRA modules; export them as two checkpoints")
     return Checkpoint(path=ckpt_dir, layout="native" if blora else "paper", method=methods.pop(),
                       modules=modules, rank=rank, lora_alpha=alpha, use_rslora=rslora, scaling=scaling,
                       base_quant=blora.base_quant if blora else None, base_path=base.path,
-                      sha256=file_sha256(ckpt_dir / ADAPTER_WEIGHTS)), base
+                      sha256=file_sha256(ckpt_dir / ADAPTER_WEIGHTS),
+                      forward=blora.forward if blora else "branch"), base
+
+
+def _check_folded(ckpt_dir: Path, blora: BloraConfig) -> None:
+    from .quant import fold_problems
+
+    problems = fold_problems(blora.base_quant, blora.lambda_in, blora.lambda_out)
+    if problems:
+        raise problems_error(f"{ckpt_dir / BLORA_CONFIG} says forward 'folded'", problems)
 
 
 def _read_adapter_config(ckpt_dir: Path) -> dict:

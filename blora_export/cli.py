@@ -90,6 +90,8 @@ def inspect(ckpt, base, json_out, quiet):
     click.echo(f"{info['checkpoint']}: {info['method']} ({info['layout']} layout)")
     click.echo(f"  base        : {info['base']} ({info['architecture']}, {info['base_parameters']:,} parameters)")
     click.echo(f"  base quant  : {info['base_quant'] or 'not recorded'}")
+    if info["forward"] == "folded":
+        click.echo("  forward     : fold-aware (trained as α·q + param_dtype(β + s·H/λi))")
     click.echo(f"  rank {info['rank']}, lora_alpha {info['lora_alpha']}, rslora {info['use_rslora']}, "
                f"scaling s = {info['scaling']:g}")
     click.echo(f"  adapter     : {info['adapter_parameters']:,} parameters in {len(info['modules'])} modules")

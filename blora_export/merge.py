@@ -20,7 +20,7 @@ from .delta import delta_weight
 from .errors import BadInputError, UnsupportedError
 from .nf4 import NF4Spec, nf4_roundtrip
 from .numerics import round_to
-from .quant import QuantizedWeight, quantize_minmax
+from .quant import QuantizedWeight, fold_into_zero_points, quantize_minmax
 from .spec import MinMaxGrid, NF4Base
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,13 @@ class MergePlan:
     merge_into: str  # "original" or "dequantized"
     base_quant: object  # MinMaxGrid | NF4Base | None
     reason: str
+    folded: bool = False  # a fold-aware checkpoint merged into its quantized base
 
     def describe(self) -> str:
         if self.merge_into == "original":
             return f"merged into the original base weights ({self.reason})"
-        return f"merged into the dequantized base, {self.base_quant.describe()} ({self.reason})"
+        folded = ", offsets folded as trained (fold-aware)" if self.folded else ""
+        return f"merged into the dequantized base, {self.base_quant.describe()}{folded} ({self.reason})"
 
 
 def resolve_merge_plan(ckpt: Checkpoint, merge_into: Optional[str] = None) -> MergePlan:
@@ -50,12 +52,13 @@ def resolve_merge_plan(ckpt: Checkpoint, merge_into: Optional[str] = None) -> Me
         if ckpt.base_quant is None:
             return MergePlan("original", None, "default: the checkpoint does not say how its base was quantized")
         return MergePlan("dequantized", ckpt.base_quant,
-                         "default: blora_config.json names the quantized base the adapter was trained against")
+                         "default: blora_config.json names the quantized base the adapter was trained against",
+                         ckpt.folded_forward)
     if merge_into == "dequantized":
         if ckpt.base_quant is None:
             raise UnsupportedError("--merge-into dequantized needs a checkpoint whose blora_config.json names "
                                    "base_quant; this one does not: use --merge-into original")
-        return MergePlan("dequantized", ckpt.base_quant, "requested")
+        return MergePlan("dequantized", ckpt.base_quant, "requested", ckpt.folded_forward)
     return MergePlan("original", ckpt.base_quant, "requested")
 
 
@@ -84,9 +87,16 @@ def trained_base_weight(name: str, weight: torch.Tensor, plan: MergePlan) -> tor
 
 
 def exact_merged_weight(name: str, weight: torch.Tensor, ckpt: Checkpoint, plan: MergePlan) -> torch.Tensor:
-    """``trained_base(W) + ΔW`` in float64 (exact up to float64 rounding)."""
-    merged = trained_base_weight(name, weight, plan).to(torch.float64)
+    """``trained_base(W) + ΔW`` in float64 (exact up to float64 rounding).
+
+    A fold-aware checkpoint merged into its quantized base is ``α·q + param_dtype(β')``
+    instead: the weights its forward used (float32 values, returned as float64).
+    """
     module = ckpt.module_for_weight(name)
+    if module is not None and ckpt.folded_forward and plan.merge_into == "dequantized":
+        qw = quantize_minmax(weight.to(torch.float32), plan.base_quant, name)
+        return fold_into_zero_points(qw, module).dequantize().to(torch.float64)
+    merged = trained_base_weight(name, weight, plan).to(torch.float64)
     if module is not None:
         merged = merged + delta_weight(module, torch.float64)
     return merged

@@ -120,6 +120,21 @@ def fold_into_zero_points(qw: QuantizedWeight, module: AdapterModule) -> Quantiz
     return replace(qw, beta=beta)
 
 
+def trained_beta(qw: QuantizedWeight, module: AdapterModule, folded: bool) -> torch.Tensor:
+    """``β'`` per grid block as the checkpoint was trained (float64).
+
+    Branch training: ``β + s·H/λi`` exactly. Fold-aware training (``forward: folded``): that
+    value rounded once to the grid's ``param_dtype``, which is what its forward used.
+    """
+    if folded:
+        return fold_into_zero_points(qw, module).beta.to(torch.float64)
+    problems = fold_problems(qw.grid, module.lambda_in, module.lambda_out)
+    if problems:
+        raise UnsupportedError(f"{module.name}: cannot fold exactly ({'; '.join(problems)}); "
+                               f"{foldable_hint(module.lambda_in, module.lambda_out)}")
+    return qw.beta.to(torch.float64) + block_shift(module, qw.grid)
+
+
 def block_shift(module: AdapterModule, grid: MinMaxGrid) -> torch.Tensor:
     """``s·H/λi`` sampled at each block's first element, float64, shape ``[out/bo, in/bi]``.
 

@@ -17,7 +17,7 @@ import torch
 from .base import BaseModel
 from .checkpoint import Checkpoint
 from .delta import AdapterModule, adapter_forward
-from .merge import MergePlan, trained_base_weight
+from .merge import MergePlan, exact_merged_weight, trained_base_weight
 
 log = logging.getLogger(__name__)
 DEFAULT_PROMPTS = (
@@ -114,8 +114,14 @@ def reference_logits(base: BaseModel, ckpt: Checkpoint, plan: MergePlan, prompts
     model = load_hf_model(base.path)
     apply_trained_base(model, base, plan, progress)
     without = model_logits(model, prompts)
-    with adapter_branches(model, list(ckpt.modules.values())):
+    if plan.folded:  # fold-aware training: the forward used the folded weights themselves
+        for module in ckpt.modules.values():
+            name = module.weight_name
+            _set_weight(model, name, exact_merged_weight(name, base.tensor(name), ckpt, plan))
         trained = model_logits(model, prompts)
+    else:
+        with adapter_branches(model, list(ckpt.modules.values())):
+            trained = model_logits(model, prompts)
     rounded = None
     if round_dtype is not None and round_dtype != torch.float32:
         with torch.no_grad():

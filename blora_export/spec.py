@@ -13,6 +13,7 @@ import torch
 from .errors import BadInputError
 
 METHODS = ("q-blora", "qa-blora")
+FORWARDS = ("branch", "folded")
 PARAM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FORMAT_VERSION = 1
 
@@ -109,11 +110,17 @@ class BloraConfig:
     lambda_out: int
     base_quant: BaseQuant = None
     format_version: int = FORMAT_VERSION
+    # "branch": trained as base + adapter branch (exact β + s·H/λi); "folded": QA-BLoRA trained
+    # fold-aware, its forward was α·q + param_dtype(β + s·H/λi) (see MATH.md, the fold).
+    forward: str = "branch"
 
     def to_json(self) -> dict:
-        return {"format_version": self.format_version, "method": self.method,
+        data = {"format_version": self.format_version, "method": self.method,
                 "lambda_in": self.lambda_in, "lambda_out": self.lambda_out,
                 "base_quant": None if self.base_quant is None else self.base_quant.to_json()}
+        if self.forward != "branch":
+            data["forward"] = self.forward
+        return data
 
     @classmethod
     def from_json(cls, raw: dict) -> "BloraConfig":
@@ -130,10 +137,16 @@ class BloraConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{key} must be a whole number >= 1, got {value!r}")
             lams[key] = value
+        forward = raw.get("forward", "branch")
+        if forward not in FORWARDS:
+            problems.append(f"forward must be one of {FORWARDS}, got {forward!r}")
         if problems:
             raise BadInputError("blora_config.json: " + "; ".join(problems))
+        base_quant = parse_base_quant(raw.get("base_quant"))
+        if forward == "folded" and (method != "qa-blora" or not isinstance(base_quant, MinMaxGrid)):
+            raise BadInputError("blora_config.json: forward 'folded' needs method qa-blora on a min-max base_quant")
         return cls(method=method, lambda_in=lams["lambda_in"], lambda_out=lams["lambda_out"],
-                   base_quant=parse_base_quant(raw.get("base_quant")))
+                   base_quant=base_quant, forward=forward)
 
 
 def adapter_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:

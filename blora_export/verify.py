@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -18,7 +17,7 @@ from converters.base import Artifact, ExportJob, LayerCheck, Tolerance
 from converters.tolerances import tolerance_for_dtype, widen_to_floor
 
 from .delta import AdapterModule, adapter_forward, delta_weight
-from .merge import DTYPES, merged_tensors, trained_base_weight
+from .merge import DTYPES, exact_merged_weight, merged_tensors, trained_base_weight
 from .numerics import HALF_ULP_LIMIT, LogitStats, half_ulp_ratio, logit_stats
 from .reference import DEFAULT_PROMPTS, load_hf_model, model_logits, reference_logits, tokenize_prompts
 
@@ -80,6 +79,18 @@ def exact_from_branch(module: AdapterModule, base_weight: torch.Tensor) -> torch
     return base_weight.to(torch.float64) + adapter_forward(eye, module).T
 
 
+def exact_trained_weight(job: ExportJob, module: AdapterModule) -> torch.Tensor:
+    """The adapted weight the training-time model computes with, float64.
+
+    Branch training: ``ΔW`` read off the branch itself (independent of ``delta_weight``).
+    Fold-aware training: ``α·q + param_dtype(β')``, the weights its forward used.
+    """
+    weight = job.base.tensor(module.weight_name)
+    if job.plan.folded:
+        return exact_merged_weight(module.weight_name, weight, job.ckpt, job.plan)
+    return exact_from_branch(module, trained_base_weight(module.weight_name, weight, job.plan))
+
+
 def merged_model_logits(job: ExportJob, dtype: torch.dtype, prompts, checks: list[LayerCheck]):
     """Merge in memory (weights rounded to ``dtype``), check each merged weight, return logits."""
     model = load_hf_model(job.base.path, torch.float32)
@@ -89,8 +100,7 @@ def merged_model_logits(job: ExportJob, dtype: torch.dtype, prompts, checks: lis
         for name, tensor in stream:
             module = job.ckpt.module_for_weight(name)
             if module is not None:
-                trained = trained_base_weight(name, job.base.tensor(name), job.plan)
-                ratio = half_ulp_ratio(tensor, exact_from_branch(module, trained))
+                ratio = half_ulp_ratio(tensor, exact_trained_weight(job, module))
                 checks.append(LayerCheck(name, f"|w - exact| / ulp({str(dtype)[6:]})", ratio, HALF_ULP_LIMIT))
             try:
                 model.get_parameter(name).copy_(tensor.to(torch.float32))

@@ -14,7 +14,7 @@ as it is made. The int4 encoding (FORMATS.md) of ``w = α·q + β`` is ``α·(q 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from onnx import TensorProto, numpy_helper
 from blora_export.delta import delta_weight
 from blora_export.merge import exact_merged_weight, trained_base_weight
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio, round_to
-from blora_export.quant import block_shift, expand_blocks, quantize_minmax, to_row_blocks
+from blora_export.quant import expand_blocks, quantize_minmax, to_row_blocks, trained_beta
 from blora_export.spec import MinMaxGrid
 
 from .base import ExportJob, LayerCheck
@@ -147,11 +147,11 @@ def exact_int4(job: ExportJob, name: str, block: int) -> tuple[torch.Tensor, tor
     """The checkpoint grid's codes and α on runtime blocks, and ``c = β + s·H/λi + 8α`` (float64)."""
     grid = job.plan.base_quant
     qw = quantize_minmax(job.base.tensor(name).to(torch.float32), grid, name)
+    module = job.ckpt.module_for_weight(name)
+    if module is not None:  # β' as trained: exact, or param_dtype-rounded for a fold-aware checkpoint
+        qw = replace(qw, beta=trained_beta(qw, module, job.ckpt.folded_forward))
     alpha, beta = to_row_blocks(qw, block)
     offsets = beta.double() + ZERO_POINT * alpha.double()
-    module = job.ckpt.module_for_weight(name)
-    if module is not None:
-        offsets = offsets + block_shift(module, MinMaxGrid(bits=grid.bits, block_out=1, block_in=block))
     return qw.codes, alpha.float(), offsets
 
 
@@ -247,8 +247,11 @@ def reference_int4(job: ExportJob, name: str, block: int, requantize: bool):
                              requant_grid(block), name)
     else:
         qw = quantize_minmax(weight.to(torch.float32), job.plan.base_quant, name)
-    w_ref = expand_blocks(qw.alpha.double(), qw.grid) * qw.codes.double() + expand_blocks(qw.beta.double(), qw.grid)
-    if module is not None and not requantize:
+    beta = qw.beta.double()
+    if module is not None and not requantize and job.ckpt.folded_forward:
+        beta = trained_beta(qw, module, True)  # a fold-aware checkpoint trained with param_dtype(β')
+    w_ref = expand_blocks(qw.alpha.double(), qw.grid) * qw.codes.double() + expand_blocks(beta, qw.grid)
+    if module is not None and not requantize and not job.ckpt.folded_forward:
         w_ref = w_ref + delta_weight(module, torch.float64)
     return qw.codes, to_row_blocks(qw, block)[0].float(), w_ref
 

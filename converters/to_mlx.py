@@ -30,7 +30,7 @@ from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.io import atomic_dir
 from blora_export.merge import exact_merged_weight, is_quantized_linear, trained_base_weight
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio, logit_stats, round_to
-from blora_export.quant import (QuantizedWeight, expand_blocks, fold_into_zero_points, foldable_hint,
+from blora_export.quant import (QuantizedWeight, expand_blocks, foldable_hint, trained_beta,
                                 quantize_minmax, runtime_fold_problems, to_row_blocks)
 from blora_export.reference import DEFAULT_PROMPTS, load_hf_model, model_logits, tokenize_prompts
 from blora_export.spec import MinMaxGrid
@@ -160,7 +160,9 @@ def folded_weight(job: ExportJob, name: str, weight: torch.Tensor, mplan: MlxPla
     module = job.ckpt.module_for_weight(name)
     if module is None:
         return qw
-    return fold_into_zero_points(replace(qw, grid=replace(qw.grid, param_dtype=mplan.scale_dtype)), module)
+    grid = replace(qw.grid, param_dtype=mplan.scale_dtype)
+    beta = round_to(trained_beta(qw, module, job.ckpt.folded_forward), grid.torch_dtype)
+    return replace(qw, grid=grid, beta=beta)
 
 
 def requantized_weight(job: ExportJob, name: str, weight: torch.Tensor, mplan: MlxPlan) -> QuantizedWeight:
@@ -301,7 +303,9 @@ def exact_biases(job: ExportJob, name: str, weight: torch.Tensor, mplan: MlxPlan
     qw = quantize_minmax(weight, job.ckpt.base_quant, name)
     beta = expand_blocks(qw.beta.double(), qw.grid)
     module = job.ckpt.module_for_weight(name)
-    if module is not None:
+    if module is not None and job.ckpt.folded_forward:
+        beta = expand_blocks(trained_beta(qw, module, True), qw.grid)
+    elif module is not None:
         beta = beta + delta_weight(module, torch.float64)
     return beta.unflatten(1, (-1, mplan.group_size)).mean(dim=2)
 

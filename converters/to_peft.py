@@ -349,6 +349,11 @@ def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Art
     base = TOLERANCES[torch.float32]
     tol = type(base)(max_rel=base.max_rel, min_top1=base.min_top1,
                      basis="float32 factors on a float32 base: ΔW exact, float32 operation-order noise only")
+    if job.plan.folded:  # trained with param_dtype(β'): the exact ΔW differs by that rounding per block
+        rounded = TOLERANCES[job.plan.base_quant.torch_dtype]
+        tol = type(base)(max_rel=rounded.max_rel, min_top1=rounded.min_top1,
+                         basis=f"fold-aware checkpoint: it trained with β' rounded to {job.plan.base_quant.param_dtype} "
+                               "per block, the adapter adds the exact ΔW; bound as for weights of that dtype")
     client = "peft.PeftModel" if layout == "peft" else "mlx_lm (load_adapters)"
     return Artifact(format=NAME, path=path, description=f"{layout} LoRA adapter applied by {client} on {on}",
                     tolerance=tol, logits=_peft_logits(path, job) if layout == "peft" else _mlx_logits(path, job),

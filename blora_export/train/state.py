@@ -84,7 +84,8 @@ def write_checkpoint(cfg: TrainConfig, spec: AdapterSpec, layers: Sequence[BLoRA
         STATE_JSON: json.dumps(state, indent=2) + "\n",
         STATE_TENSORS: st_save(tensors),
     }
-    blora = BloraConfig(spec.method, spec.lambda_in, spec.lambda_out, spec.base_quant)
+    blora = BloraConfig(spec.method, spec.lambda_in, spec.lambda_out, spec.base_quant,
+                        forward="folded" if spec.fold_aware else "branch")
     return save_checkpoint(cfg.out, modules, rank=cfg.rank, lora_alpha=float(cfg.alpha),
                            base_model=base_reference(cfg.base, cfg.out), blora=blora, extra_files=extra)
 

@@ -113,3 +113,19 @@ def test_missing_base_and_pickled_base(samples, tmp_path):
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(UnsupportedError, match="never unpickles.*safetensors"):
         load_checkpoint(ckpt_dir, pickled)
+
+
+def test_folded_forward_is_read_and_validated(samples, tmp_path):
+    ckpt_dir = copy_sample(samples, "qa-blora-q4_1", tmp_path)
+    cfg = json.loads((ckpt_dir / "blora_config.json").read_text())
+    (ckpt_dir / "blora_config.json").write_text(json.dumps({**cfg, "forward": "folded"}))
+    ckpt, _ = load_checkpoint(ckpt_dir)
+    assert ckpt.folded_forward
+    (ckpt_dir / "blora_config.json").write_text(json.dumps({**cfg, "forward": "sideways"}))
+    with pytest.raises(BadInputError, match="forward must be one of"):
+        load_checkpoint(ckpt_dir)
+    nf4 = copy_sample(samples, "q-blora-nf4", tmp_path)
+    cfg = json.loads((nf4 / "blora_config.json").read_text())
+    (nf4 / "blora_config.json").write_text(json.dumps({**cfg, "forward": "folded"}))
+    with pytest.raises(BadInputError, match="needs method qa-blora on a min-max base_quant"):
+        load_checkpoint(nf4)

@@ -1,4 +1,5 @@
 """`blora-export train` end to end on the tiny sample model (CPU)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -129,8 +130,12 @@ def test_fold_aware_training_function_is_the_folded_low_bit_model(samples, train
     ids = tokenize_prompts(base, DEFAULT_PROMPTS)
     as_trained = model_logits(rebuilt_training_model(samples, path, "qa-blora", steps=40), ids)
     exported = model_logits(folded_model(ckpt, base), ids)
-    branch = reference_logits(base, ckpt, resolve_merge_plan(ckpt), ids).trained
+    plan = resolve_merge_plan(ckpt)
+    assert ckpt.forward == "folded" and plan.folded
+    reference = reference_logits(base, ckpt, plan, ids).trained  # what verify compares exports with
+    branch = reference_logits(base, ckpt, dataclasses.replace(plan, folded=False), ids).trained
     assert logit_stats(as_trained, exported).max_abs == 0.0  # bit-identical
+    assert logit_stats(as_trained, reference).max_abs == 0.0  # verify's reference is the trained function
     assert logit_stats(as_trained, branch).max_rel > 1e-4  # the fp16 rounding of β' that fold-aware absorbs
 
 
