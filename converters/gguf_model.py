@@ -25,7 +25,13 @@ from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter
 from blora_export.base import DECODER_LINEAR
 from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.merge import exact_merged_weight, trained_base_weight
-from blora_export.quant import fold_into_zero_points, foldable_hint, quantize_minmax, runtime_fold_problems, to_row_blocks
+from blora_export.quant import (
+    fold_into_zero_points,
+    foldable_hint,
+    quantize_minmax,
+    runtime_fold_problems,
+    to_row_blocks,
+)
 from blora_export.spec import MinMaxGrid
 
 from .base import ExportJob

@@ -41,8 +41,14 @@ from gguf import GGUFReader
 from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.numerics import LogitStats, logit_stats
 from blora_export.quant import fold_into_zero_points, quantize_minmax
-from blora_export.reference import (DEFAULT_PROMPTS, apply_trained_base, load_hf_model, model_logits,
-                                    reference_logits, tokenize_prompts)
+from blora_export.reference import (
+    DEFAULT_PROMPTS,
+    apply_trained_base,
+    load_hf_model,
+    model_logits,
+    reference_logits,
+    tokenize_prompts,
+)
 
 from .base import Artifact, ExportJob, Tolerance
 from .gguf_checks import layer_checks, lora_pairs

@@ -34,8 +34,20 @@ from blora_export.errors import UnsupportedError
 from blora_export.io import atomic_file
 
 from .base import Artifact, ExportJob, ExportResult
-from .gguf_model import (ArchSpec, EncodeContext, HParams, TensorSpec, arch_spec, choose_encoding, default_type,
-                         encode_tensor, permutation, permute_heads, tensor_plan, write_hparams)
+from .gguf_model import (
+    ArchSpec,
+    EncodeContext,
+    HParams,
+    TensorSpec,
+    arch_spec,
+    choose_encoding,
+    default_type,
+    encode_tensor,
+    permutation,
+    permute_heads,
+    tensor_plan,
+    write_hparams,
+)
 from .gguf_quants import GGUF_TYPES, ErrorStats, GGUFType, encode_float
 from .gguf_tokenizer import quiet_logger, write_tokenizer
 from .to_safetensors import provenance

@@ -30,8 +30,15 @@ from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.io import atomic_dir
 from blora_export.merge import exact_merged_weight, is_quantized_linear, trained_base_weight
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio, logit_stats, round_to
-from blora_export.quant import (QuantizedWeight, expand_blocks, foldable_hint, trained_beta,
-                                quantize_minmax, runtime_fold_problems, to_row_blocks)
+from blora_export.quant import (
+    QuantizedWeight,
+    expand_blocks,
+    foldable_hint,
+    quantize_minmax,
+    runtime_fold_problems,
+    to_row_blocks,
+    trained_beta,
+)
 from blora_export.reference import DEFAULT_PROMPTS, load_hf_model, model_logits, tokenize_prompts
 from blora_export.spec import MinMaxGrid
 

@@ -36,8 +36,8 @@ from blora_export.spec import MinMaxGrid
 from .base import Artifact, ExportJob, ExportResult, LayerCheck, Tolerance
 from .onnx_graph import IR_VERSION, OPSET, DecoderSpec, build_decoder
 from .onnx_weights import FloatWeights, Int4Weights, TensorStore, dequantized_int4, weight_checks
-from .tolerances import tolerance_for_dtype
 from .to_safetensors import PROVENANCE_FILE, provenance
+from .tolerances import tolerance_for_dtype
 
 log = logging.getLogger(__name__)
 NAME = "onnx"

@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 

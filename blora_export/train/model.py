@@ -76,7 +76,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def build_model(base: BaseModel, spec: AdapterSpec, device: torch.device, seed: int, nf4_backend: str = "auto", progress: Callable = iter) -> tuple[nn.Module, dict[str, BLoRALinear]]:
+def build_model(base: BaseModel, spec: AdapterSpec, device: torch.device, seed: int, nf4_backend: str = "auto",
+                progress: Callable = iter) -> tuple[nn.Module, dict[str, BLoRALinear]]:
     """The training model on ``device`` and its adapted layers by module name (natural order)."""
     check_shapes(base, spec)
     backend = resolve_nf4_backend(nf4_backend, device)

@@ -31,7 +31,6 @@ def test_architectures_verify_and_merge(tiny_base, make_ckpt, tmp_path, arch, me
 def test_non_finite_base_weight_is_bad_input(samples, tmp_path):
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     from blora_export.errors import BadInputError

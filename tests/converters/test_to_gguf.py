@@ -18,6 +18,7 @@ import json
 import shutil
 
 import gguf
+import llama_cpp  # noqa: F401  (a declared test dependency: .ci/run installs llama-cpp-python)
 import numpy as np
 import pytest
 import torch
@@ -32,8 +33,6 @@ from blora_export.reference import DEFAULT_PROMPTS, reference_logits, tokenize_p
 from blora_export.spec import MinMaxGrid
 from converters import gguf_model, gguf_runtime, gguf_tokenizer, to_gguf
 from converters.gguf_runtime import FLOOR_FACTOR, gguf_py_model_logits, llama_cpp_logits
-
-import llama_cpp  # noqa: F401  (a declared test dependency: .ci/run installs llama-cpp-python)
 
 F16_BOUND = 16 * 2.0**-11
 LLAMA_F32_BOUND = 3e-3

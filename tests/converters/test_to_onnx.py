@@ -16,8 +16,14 @@ import torch
 from blora_export import api
 from blora_export.errors import UnsupportedError
 from blora_export.numerics import logit_stats
-from blora_export.reference import (DEFAULT_PROMPTS, adapter_branches, apply_trained_base, load_hf_model,
-                                    reference_logits, tokenize_prompts)
+from blora_export.reference import (
+    DEFAULT_PROMPTS,
+    adapter_branches,
+    apply_trained_base,
+    load_hf_model,
+    reference_logits,
+    tokenize_prompts,
+)
 from blora_export.spec import MinMaxGrid
 from converters import onnx_weights, to_onnx
 from converters.onnx_graph import IR_VERSION, OPSET, Graph, Int4Linear, linear

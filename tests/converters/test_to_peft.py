@@ -7,8 +7,8 @@ A factor without the 1/λi, or a wrong lora_alpha, must fail.
 import json
 import math
 
+import peft  # a declared test dependency (.ci/run installs it)
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from blora_export import api
@@ -16,8 +16,6 @@ from blora_export.numerics import logit_stats
 from blora_export.reference import DEFAULT_PROMPTS, adapter_branches, load_hf_model, model_logits, tokenize_prompts
 from blora_export.verify import run_verify
 from converters import to_peft
-
-import peft  # a declared test dependency (.ci/run installs it)
 
 
 def verify(ckpt, out, **job_options):

@@ -35,8 +35,8 @@ def _load_tiny_models():
 
 tm = _load_tiny_models()
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 ARCHS = ("llama", "mistral", "qwen2")
 VOCAB = 512

@@ -6,8 +6,16 @@ import torch
 
 from blora_export.errors import BadInputError
 from blora_export.reference import load_tokenizer
-from blora_export.train.data import (IGNORE_INDEX, collate, format_prompt, global_batch_indices, load_examples,
-                                     rank_batch, read_rows, tokenize_row)
+from blora_export.train.data import (
+    IGNORE_INDEX,
+    collate,
+    format_prompt,
+    global_batch_indices,
+    load_examples,
+    rank_batch,
+    read_rows,
+    tokenize_row,
+)
 
 
 @pytest.fixture(scope="module")

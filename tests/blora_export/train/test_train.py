@@ -17,8 +17,7 @@ from blora_export.errors import BadInputError
 from blora_export.merge import resolve_merge_plan
 from blora_export.numerics import logit_stats
 from blora_export.quant import fold_into_zero_points, quantize_minmax
-from blora_export.reference import (DEFAULT_PROMPTS, load_hf_model, model_logits, reference_logits,
-                                    tokenize_prompts)
+from blora_export.reference import DEFAULT_PROMPTS, load_hf_model, model_logits, reference_logits, tokenize_prompts
 from blora_export.spec import MinMaxGrid, NF4Base
 from blora_export.train import TrainConfig, train
 from blora_export.train.loop import Runtime, prepare
