@@ -104,6 +104,17 @@ class BaseModel:
 _SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
+def rope_parameters(config: dict) -> dict:
+    """Rotary settings of a model config: ``rope_parameters`` (transformers 5) or the top-level
+    ``rope_theta`` + ``rope_scaling`` (4.x); always with ``rope_theta`` and ``rope_type``."""
+    params = dict(config.get("rope_parameters") or {})
+    if not params:
+        params = dict(config.get("rope_scaling") or {})
+        params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter
 
-from blora_export.base import DECODER_LINEAR
+from blora_export.base import DECODER_LINEAR, rope_parameters
 from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.merge import exact_merged_weight, trained_base_weight
 from blora_export.quant import (
@@ -68,14 +68,12 @@ def arch_spec(model_type: str) -> ArchSpec:
 
 def rope_theta(config: dict) -> float:
     """``rope_theta`` at the top level (transformers 4) or in ``rope_parameters`` (transformers 5)."""
-    params = config.get("rope_parameters") or {}
-    theta = config.get("rope_theta", params.get("rope_theta"))
-    return float(theta if theta is not None else 10000.0)
+    return float(rope_parameters(config)["rope_theta"])
 
 
 def _rope_scaling(config: dict) -> Optional[tuple[str, float]]:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
+    params = rope_parameters(config)
+    kind = params["rope_type"]
     if kind in (None, "default"):
         return None
     if kind == "linear":

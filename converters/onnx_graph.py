@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
+from blora_export.base import rope_parameters
 from blora_export.errors import UnsupportedError
 
 IR_VERSION = 10
@@ -118,16 +119,6 @@ class DecoderSpec:
                    eps=float(config.get("rms_norm_eps", 1e-6)), inv_freq=inv_freq, rope_scaling=factor,
                    sliding_window=sliding_window(config), tied=bool(config.get("tie_word_embeddings", False)),
                    context_length=int(config.get("max_position_embeddings", 4096)))
-
-
-def rope_parameters(config: dict) -> dict:
-    """``rope_parameters`` (transformers 5) or top-level ``rope_theta`` + ``rope_scaling`` (4.x)."""
-    params = dict(config.get("rope_parameters") or {})
-    if not params:
-        params = dict(config.get("rope_scaling") or {})
-        params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    params.setdefault("rope_type", params.get("type", "default"))
-    return params
 
 
 def rope_frequencies(config: dict, head_dim: int, path=None) -> tuple[tuple[float, ...], float]:

@@ -43,7 +43,7 @@ from blora_export.reference import DEFAULT_PROMPTS, load_hf_model, model_logits,
 from blora_export.spec import MinMaxGrid
 
 from .base import Artifact, ExportJob, ExportResult, LayerCheck, Tolerance
-from .to_safetensors import PROVENANCE_FILE, _write_shards, provenance, write_hf_config
+from .to_safetensors import PROVENANCE_FILE, provenance, write_hf_config, write_shards
 from .tolerances import UNIT_ROUNDOFF, tolerance_for_dtype
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def export(job: ExportJob, out: Path, bits: Optional[int] = None, group_size: Op
     names = job.base.names()
     with atomic_dir(out) as tmp:
         stream = job.progress(mlx_tensors(job, mplan, stats), desc="mlx", unit="tensor")
-        weight_map = _write_shards(stream, tmp, MAX_SHARD_BYTES)
+        weight_map = write_shards(stream, tmp, MAX_SHARD_BYTES)
         files = sorted(set(weight_map.values()))
         if len(files) > 1:
             total = sum((tmp / f).stat().st_size for f in files)

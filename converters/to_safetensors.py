@@ -61,7 +61,7 @@ def write_hf_config(job: ExportJob, out: Path, dtype_name: str, extra: dict | No
         shutil.copy2(file, out / file.name)
 
 
-def _write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
+def write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
     """Write tensors into shards of at most ``max_shard_bytes``; return name -> file."""
     shard: dict[str, torch.Tensor] = {}
     size, files, weight_map = 0, [], {}
@@ -99,7 +99,7 @@ def export(job: ExportJob, out: Path, dtype: str = "float16", max_shard_bytes: i
     with atomic_dir(out) as tmp:
         stream = job.progress(merged_tensors(job.base, job.ckpt, job.plan, DTYPES[dtype]),
                               desc="merge", total=len(names), unit="tensor")
-        weight_map = _write_shards(stream, tmp, max_shard_bytes)
+        weight_map = write_shards(stream, tmp, max_shard_bytes)
         if len(set(weight_map.values())) > 1:
             total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
