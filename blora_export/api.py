@@ -28,13 +28,31 @@ def open_job(ckpt: str | Path, base: str | Path | None = None, merge_into: Optio
     return ExportJob(ckpt=checkpoint, base=base_model, plan=plan, progress=progress_factory(quiet))
 
 
+def check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuse an output that exists (unless ``overwrite``) or that is, holds or lies in an input."""
+    target = out.resolve()
+    for src in inputs:
+        src = src.resolve()
+        if target == src or target in src.parents or src in target.parents:
+            raise BadInputError(f"output {out} would overwrite or lie inside the input {src}; choose another path")
+    if out.exists() and not overwrite:
+        raise BadInputError(f"output {out} exists; pass --overwrite to replace it")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise BadInputError(f"output {out}: {out.parent} is not a folder")
+
+
 def export(ckpt: str | Path, out: str | Path, format: str, base: str | Path | None = None,
-           merge_into: Optional[str] = None, quiet: bool = False, **options) -> ExportResult:
-    """Export a checkpoint to ``format`` (``safetensors``, ``gguf``, ``onnx``, ``mlx``, ``peft``)."""
+           merge_into: Optional[str] = None, quiet: bool = False, overwrite: bool = False, **options) -> ExportResult:
+    """Export a checkpoint to ``format`` (``safetensors``, ``gguf``, ``onnx``, ``mlx``, ``peft``).
+
+    An existing ``out`` is replaced only with ``overwrite=True``, and never when it is (or
+    holds, or lies inside) the checkpoint or the base.
+    """
     from converters import converter
 
     module = converter(format)
     job = open_job(ckpt, base, merge_into, quiet)
+    check_output(Path(out), [job.ckpt.path, job.base.path], overwrite)
     result = module.export(job, Path(out), **options)
     log.info("wrote %s (%s) in %.1f s", result.path, result.format, result.seconds)
     return result

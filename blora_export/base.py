@@ -47,7 +47,7 @@ class BaseModel:
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedError(f"base model architecture {model_type!r} is not supported; "
                                    f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        return cls(path=path, config=config, shards=_index_shards(path))
+        return cls(path=path, config=config, shards=index_shards(path))
 
     @property
     def model_type(self) -> str:
@@ -65,7 +65,12 @@ class BaseModel:
         return self._handles[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self._file(name)).get_slice(name).get_shape())
+        try:
+            return tuple(self._handle(self._file(name)).get_slice(name).get_shape())
+        except BadInputError:
+            raise
+        except Exception as exc:
+            raise BadInputError(f"cannot read {name} from {self._file(name)} ({exc})") from None
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read from disk now; non-finite values are bad input."""
@@ -117,18 +122,23 @@ def rope_parameters(config: dict) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadInputError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path} must hold a JSON object")
+    return data
 
 
-def _index_shards(path: Path) -> dict[str, Path]:
+def index_shards(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise BadInputError(f"{index} has no weight_map")
+        if not all(isinstance(f, str) for f in weight_map.values()):
+            raise BadInputError(f"{index}: weight_map values must be shard file names")
         missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if missing:
             raise BadInputError(f"{index} names shard files that are missing: {', '.join(missing)}")

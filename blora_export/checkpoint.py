@@ -89,6 +89,8 @@ def resolve_base_path(ckpt_dir: Path, adapter_config: dict, base: str | Path | N
     if base is not None:
         return Path(base)
     named = adapter_config.get("base_model_name_or_path")
+    if named is not None and not isinstance(named, str):
+        raise BadInputError(f"{ckpt_dir / ADAPTER_CONFIG}: base_model_name_or_path must be a string; pass --base DIR")
     if not named:
         raise BadInputError(f"{ckpt_dir / ADAPTER_CONFIG} names no base_model_name_or_path; pass --base DIR")
     candidate = Path(named)
@@ -107,6 +109,8 @@ def load_checkpoint(path: str | Path, base: BaseModel | str | Path | None = None
     if not ckpt_dir.is_dir():
         raise BadInputError(f"checkpoint {ckpt_dir} is not a folder")
     adapter_config = _read_adapter_config(ckpt_dir)
+    if (ckpt_dir / BLORA_CONFIG).exists() and not (ckpt_dir / BLORA_CONFIG).is_file():
+        raise BadInputError(f"{ckpt_dir / BLORA_CONFIG} is not a file")
     native = read_json(ckpt_dir / BLORA_CONFIG) if (ckpt_dir / BLORA_CONFIG).is_file() else None
     blora = BloraConfig.from_json(native) if native is not None else None
     if not isinstance(base, BaseModel):
@@ -149,9 +153,20 @@ def _rank_alpha(ckpt_dir: Path, cfg: dict) -> tuple[int, float, bool]:
         problems.append(f"r must be a whole number >= 1, got {r!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         problems.append(f"lora_alpha must be a finite number, got {alpha!r}")
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        problems.append(f"use_rslora must be true or false, got {rslora!r}")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type {cfg.get('peft_type')!r} is not a LoRA-style adapter")
+    for key in ("use_dora", "fan_in_fan_out"):
+        if cfg.get(key):
+            problems.append(f"{key}: true is not supported (B-LoRA checkpoints are plain LoRA-style adapters)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            problems.append(f"{key} is not supported: one scaling for every module; save the modules as separate checkpoints")
     if problems:
         raise problems_error(str(ckpt_dir / ADAPTER_CONFIG), problems)
-    return r, float(alpha), bool(cfg.get("use_rslora", False))
+    return r, float(alpha), rslora
 
 
 def _read_adapter_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -204,7 +219,11 @@ def _build_module(name: str, parts: dict[str, torch.Tensor], base: BaseModel, bl
     if weight_name not in base.shards:
         problems.append(f"{name}: the base model has no {weight_name}")
         return None
-    out_f, in_f = base.shape(weight_name)
+    shape = base.shape(weight_name)
+    if len(shape) != 2:
+        problems.append(f"{name}: the base weight {weight_name} is not a 2-D Linear weight ({shape})")
+        return None
+    out_f, in_f = shape
     start = len(problems)
     for kind, t in parts.items():
         if t.ndim != 2 or not t.is_floating_point():

@@ -55,6 +55,10 @@ def source_options(func):
                         help="Base model folder (default: base_model_name_or_path of the checkpoint).")(func)
 
 
+def overwrite_option(func):
+    return click.option("--overwrite", is_flag=True, help="Replace an existing output.")(func)
+
+
 def json_option(func):
     return click.option("--json", "json_out", default=None, metavar="PATH|-",
                         help="Write machine-readable results to PATH ('-' for stdout).")(func)
@@ -147,16 +151,17 @@ def verify(ckpt, artifact, base, merge_into, prompts, dtype, runtime, json_out, 
               help="Storage of scales and biases (--layout mlx); float32 keeps the folded offsets exact.")
 @click.option("--requantize", is_flag=True,
               help="When the checkpoint's grid does not fold into the target, merge and re-quantize (PTQ).")
+@overwrite_option
 @json_option
 @common
 def to_safetensors(ckpt, out_dir, base, merge_into, layout, dtype, max_shard_size, bits, group_size, bias_dtype,
-                   requantize, json_out, quiet):
+                   requantize, overwrite, json_out, quiet):
     """Write a merged Hugging Face folder, or (--layout mlx) a low-bit mlx-lm folder."""
     if layout == "hf":
-        result = api.export(ckpt, out_dir, "safetensors", base=base, merge_into=merge_into, quiet=quiet,
+        result = api.export(ckpt, out_dir, "safetensors", base=base, merge_into=merge_into, quiet=quiet, overwrite=overwrite,
                             dtype=dtype, max_shard_bytes=max_shard_size * 1024**2)
     else:
-        result = api.export(ckpt, out_dir, "mlx", base=base, merge_into=merge_into, quiet=quiet,
+        result = api.export(ckpt, out_dir, "mlx", base=base, merge_into=merge_into, quiet=quiet, overwrite=overwrite,
                             bits=int(bits) if bits else None, group_size=int(group_size) if group_size else None,
                             bias_dtype=bias_dtype, requantize=requantize)
     report_export(result, json_out, quiet)
@@ -179,12 +184,13 @@ GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_1", "q5_1"]
               help="When the checkpoint's grid does not fold into the type, merge and re-quantize (PTQ).")
 @click.option("--quantize-embeddings", is_flag=True,
               help="Quantize token embeddings and the output head too (adds PTQ error, reported).")
+@overwrite_option
 @json_option
 @common
 def to_gguf(ckpt, out_file, base, merge_into, gguf_type, adapter_only, base_only, requantize, quantize_embeddings,
-            json_out, quiet):
+            overwrite, json_out, quiet):
     """Write a GGUF model (or LoRA adapter) that llama.cpp runs."""
-    result = api.export(ckpt, out_file, "gguf", base=base, merge_into=merge_into, quiet=quiet,
+    result = api.export(ckpt, out_file, "gguf", base=base, merge_into=merge_into, quiet=quiet, overwrite=overwrite,
                         gguf_type=gguf_type, adapter_only=adapter_only, base_only=base_only, requantize=requantize,
                         quantize_embeddings=quantize_embeddings)
     report_export(result, json_out, quiet)
@@ -201,11 +207,13 @@ def to_gguf(ckpt, out_file, base, merge_into, gguf_type, adapter_only, base_only
               help="MatMulNBits accuracy_level: 0 float activations (exact), 4 int8 activations (faster).")
 @click.option("--requantize", is_flag=True,
               help="When the checkpoint's grid does not fold into the block size, merge and re-quantize (PTQ).")
+@overwrite_option
 @json_option
 @common
-def to_onnx(ckpt, out_dir, base, merge_into, precision, block_size, accuracy_level, requantize, json_out, quiet):
+def to_onnx(ckpt, out_dir, base, merge_into, precision, block_size, accuracy_level, requantize, overwrite, json_out,
+            quiet):
     """Write an ONNX decoder with KV cache (plus genai_config.json) for onnxruntime."""
-    result = api.export(ckpt, out_dir, "onnx", base=base, merge_into=merge_into, quiet=quiet,
+    result = api.export(ckpt, out_dir, "onnx", base=base, merge_into=merge_into, quiet=quiet, overwrite=overwrite,
                         precision=precision, block_size=int(block_size) if block_size else None,
                         accuracy_level=int(accuracy_level), requantize=requantize)
     report_export(result, json_out, quiet)
@@ -217,11 +225,12 @@ def to_onnx(ckpt, out_dir, base, merge_into, precision, block_size, accuracy_lev
 @click.option("--base", type=click.Path(file_okay=False), default=None, help="Base model folder.")
 @click.option("--layout", type=click.Choice(["peft", "mlx"]), default="peft", show_default=True,
               help="peft: standard PEFT LoRA adapter; mlx: mlx-lm adapter folder.")
+@overwrite_option
 @json_option
 @common
-def to_peft(ckpt, out_dir, base, layout, json_out, quiet):
+def to_peft(ckpt, out_dir, base, layout, overwrite, json_out, quiet):
     """Write the adapter as a standard, hot-swappable LoRA adapter (exact)."""
-    result = api.export(ckpt, out_dir, "peft", base=base, quiet=quiet, layout=layout)
+    result = api.export(ckpt, out_dir, "peft", base=base, quiet=quiet, overwrite=overwrite, layout=layout)
     report_export(result, json_out, quiet)
 
 
@@ -286,8 +295,8 @@ def main(argv=None) -> None:
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors: one line, like every other error
+        click.echo(f"error: {exc.format_message()} (see --help)", err=True)
         sys.exit(2)
     except BloraError as exc:
         if debug:

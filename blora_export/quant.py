@@ -66,6 +66,9 @@ def _blocks(w: torch.Tensor, grid: MinMaxGrid) -> torch.Tensor:
 
 def quantize_minmax(weight: torch.Tensor, grid: MinMaxGrid, name: str = "weight") -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` with the min-max rule on ``grid`` (see module docstring)."""
+    if not isinstance(grid, MinMaxGrid):
+        raise UnsupportedError(f"{name}: this needs a checkpoint on a min-max grid (blora_config.json base_quant "
+                               f"scheme 'minmax'), not {grid!r}: is the artifact from another checkpoint?")
     if weight.ndim != 2:
         raise BadInputError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     check_grid_fits(tuple(weight.shape), grid, name)

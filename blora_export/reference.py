@@ -17,6 +17,7 @@ import torch
 from .base import BaseModel
 from .checkpoint import Checkpoint
 from .delta import AdapterModule, adapter_forward
+from .errors import BadInputError
 from .merge import MergePlan, exact_merged_weight, trained_base_weight
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,11 @@ def load_hf_model(path, dtype: torch.dtype = torch.float32):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars (or --quiet) only
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu")
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"transformers cannot load the model in {path}: {first}") from None
     model.eval()
     return model
 
@@ -42,7 +47,11 @@ def load_hf_model(path, dtype: torch.dtype = torch.float32):
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"cannot load the tokenizer in {path}: {first}") from None
 
 
 def tokenize_prompts(base: BaseModel, prompts: Sequence[str]) -> list[list[int]]:

@@ -81,6 +81,12 @@ class NF4Base:
 BaseQuant = Union[MinMaxGrid, NF4Base, None]
 
 
+def _whole(value: object, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadInputError(f"base_quant.{key} must be a whole number, got {value!r}")
+    return value
+
+
 def parse_base_quant(raw: object) -> BaseQuant:
     """Parse the ``base_quant`` entry of ``blora_config.json``."""
     if raw is None:
@@ -90,12 +96,14 @@ def parse_base_quant(raw: object) -> BaseQuant:
     scheme = raw.get("scheme")
     try:
         if scheme == "minmax":
-            return MinMaxGrid(bits=int(raw["bits"]), block_out=int(raw.get("block_out", 1)),
-                              block_in=int(raw["block_in"]),
+            return MinMaxGrid(bits=_whole(raw["bits"], "bits"), block_out=_whole(raw.get("block_out", 1), "block_out"),
+                              block_in=_whole(raw["block_in"], "block_in"),
                               param_dtype=str(raw.get("param_dtype", "float16")))
         if scheme == "nf4":
-            return NF4Base(blocksize=int(raw.get("blocksize", 64)),
-                           double_quant=bool(raw.get("double_quant", True)))
+            dq = raw.get("double_quant", True)
+            if not isinstance(dq, bool):
+                raise BadInputError(f"base_quant.double_quant must be true or false, got {dq!r}")
+            return NF4Base(blocksize=_whole(raw.get("blocksize", 64), "blocksize"), double_quant=dq)
     except KeyError as exc:
         raise BadInputError(f"base_quant {scheme!r} is missing the field {exc.args[0]!r}") from None
     raise BadInputError(f"base_quant.scheme must be 'minmax' or 'nf4', got {scheme!r}")
@@ -127,7 +135,7 @@ class BloraConfig:
         problems = []
         version = raw.get("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
-            problems.append(f"format_version {version} is not supported (this tool reads {FORMAT_VERSION})")
+            problems.append(f"format_version {version!r} is not supported (this tool reads the number {FORMAT_VERSION})")
         method = raw.get("method")
         if method not in METHODS:
             problems.append(f"method must be one of {METHODS}, got {method!r}")

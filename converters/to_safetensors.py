@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from blora_export.errors import UnsupportedError
+from blora_export.base import BaseModel, index_shards
+from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.io import atomic_dir
 from blora_export.merge import DTYPES, exact_merged_weight, merged_tensors
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio
@@ -122,16 +123,16 @@ def detect(path: Path) -> bool:
 
 
 def _artifact_tensor_files(path: Path) -> dict[str, Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        return {k: path / "model.safetensors" for k in f.keys()}
+    """Tensor name -> file of a merged folder (the same reader as for base models)."""
+    return BaseModel(path=path, config={}, shards=index_shards(path)).shards
 
 
 def _read(files: dict[str, Path], name: str) -> torch.Tensor:
-    with safe_open(str(files[name]), framework="pt") as f:
-        return f.get_tensor(name)
+    try:
+        with safe_open(str(files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+    except Exception as exc:  # safetensors' own error types
+        raise BadInputError(f"cannot read {name} from {files[name]}: truncated file? ({exc})") from None
 
 
 def weight_layer_checks(job: ExportJob, path: Path) -> list[LayerCheck]:

@@ -138,8 +138,8 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 problems.append(f"--{key.strip('_').replace('_', '-')} must be >= 1, got {value}")
-        if not self.lr > 0 or not self.alpha > 0 or not self.max_grad_norm > 0:
-            problems.append("--lr, --alpha and the gradient clip must be > 0")
+        if not all(0 < v < float("inf") for v in (self.lr, self.alpha, self.max_grad_norm)):
+            problems.append("--lr, --alpha and the gradient clip must be finite and > 0")
         if self.device not in DEVICES:
             problems.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.precision not in PRECISIONS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -133,6 +134,9 @@ def train_step(model, params, optimizer, batch: Batch, rt: Runtime, cfg: TrainCo
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss_total, tokens = rt.all_sum(float(total.detach()), batch.tokens)
+    if not math.isfinite(loss_total) or not math.isfinite(float(grad_norm)):
+        raise BadInputError(f"the loss diverged (loss {loss_total / global_count:g}, gradient norm {float(grad_norm):g}); "
+                            "lower --lr or --alpha")
     seconds = time.perf_counter() - t0
     row = {"loss": loss_total / global_count, "lr": optimizer.param_groups[0]["lr"],
            "tokens_per_s": tokens / seconds, "tokens": int(tokens), "trained_tokens": int(global_count),

@@ -129,3 +129,31 @@ def test_folded_forward_is_read_and_validated(samples, tmp_path):
     (nf4 / "blora_config.json").write_text(json.dumps({**cfg, "forward": "folded"}))
     with pytest.raises(BadInputError, match="needs method qa-blora on a min-max base_quant"):
         load_checkpoint(nf4)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c, b: c.update(use_rslora="yes"), "use_rslora must be true or false"),
+    (lambda c, b: c.update(use_dora=True), "use_dora: true is not supported"),
+    (lambda c, b: c.update(peft_type="IA3"), "not a LoRA-style adapter"),
+    (lambda c, b: c.update(rank_pattern={"q_proj": 4}), "rank_pattern is not supported"),
+    (lambda c, b: c.update(base_model_name_or_path=5), "must be a string"),
+    (lambda c, b: b["base_quant"].update(block_in="32"), "block_in must be a whole number"),
+    (lambda c, b: b["base_quant"].update(bits=4.9), "bits must be a whole number"),
+    (lambda c, b: b.update(format_version="1"), "format_version '1' is not supported"),
+])
+def test_config_types_are_checked(samples, tmp_path, edit, match):
+    ckpt_dir = copy_sample(samples, "qa-blora-q4_1", tmp_path)
+    cfg = json.loads((ckpt_dir / "adapter_config.json").read_text())
+    blora = json.loads((ckpt_dir / "blora_config.json").read_text())
+    edit(cfg, blora)
+    (ckpt_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    (ckpt_dir / "blora_config.json").write_text(json.dumps(blora))
+    with pytest.raises(BadInputError, match=match):
+        load_checkpoint(ckpt_dir)
+
+
+def test_blora_config_that_is_not_a_file(samples, tmp_path):
+    ckpt_dir = copy_sample(samples, "paper-q-blora", tmp_path)
+    (ckpt_dir / "blora_config.json").mkdir()
+    with pytest.raises(BadInputError, match="is not a file"):
+        load_checkpoint(ckpt_dir)

@@ -84,3 +84,33 @@ def test_console_script_runs_without_traceback(tmp_path):
     proc = subprocess.run(f"{exe} verify {tmp_path}/missing", shell=True, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_outputs_are_never_clobbered_without_overwrite_and_inputs_never(samples, tmp_path, capsys):
+    ckpt = tmp_path / "ck"
+    shutil.copytree(samples / "q-blora-nf4", ckpt)
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    (ckpt / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(samples / "base")}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(["to-peft", str(ckpt), str(out), "-q"], capsys)
+    assert code == 2 and "exists; pass --overwrite" in err and (out / "keep.txt").is_file()
+    for target in (ckpt, ckpt / "inner", samples / "base"):
+        code, _, err = run(["to-peft", str(ckpt), str(target), "-q", "--overwrite"], capsys)
+        assert code == 2 and "would overwrite or lie inside the input" in err
+    assert (ckpt / "blora_config.json").is_file()
+    assert run_ok(["to-peft", str(ckpt), str(out), "-q", "--overwrite"], capsys)[0] == 0
+    assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
+
+
+def test_usage_errors_are_one_line(capsys):
+    code, _, err = run(["to-gguf", "a", "b", "--type", "q9"], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_artifact_of_another_checkpoint_is_a_clear_error(samples, tmp_path, capsys):
+    gguf = tmp_path / "qa.gguf"
+    assert run_ok(["to-gguf", str(samples / "qa-blora-q4_1"), str(gguf), "-q"], capsys)[0] == 0
+    code, _, err = run(["verify", str(samples / "q-blora-nf4"), str(gguf), "-q"], capsys)
+    assert code == 2 and "min-max grid" in err.strip().splitlines()[-1]

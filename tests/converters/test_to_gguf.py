@@ -219,8 +219,8 @@ def test_tied_embeddings_write_no_output_tensor(tiny_base, make_ckpt, tmp_path):
 def test_same_input_same_bytes(samples, tmp_path):
     for options in ({}, {"adapter_only": True}, {"gguf_type": "q8_0"}):
         a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-        export(samples / "qa-blora-q4_1", a, **options)
-        export(samples / "qa-blora-q4_1", b, **options)
+        export(samples / "qa-blora-q4_1", a, overwrite=True, **options)
+        export(samples / "qa-blora-q4_1", b, overwrite=True, **options)
         assert sha256(a) == sha256(b), options
 
 
