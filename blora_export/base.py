@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from .errors import BadInputError, UnsupportedError
+from .errors import BadInputError, UnsupportedError, problems_error
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -47,7 +47,36 @@ class BaseModel:
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedError(f"base model architecture {model_type!r} is not supported; "
                                    f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        return cls(path=path, config=config, shards=index_shards(path))
+        model = cls(path=path, config=config, shards=index_shards(path))
+        problems = model.config_problems()
+        if problems:
+            raise problems_error(f"base model {path}: config.json disagrees with the weights", problems)
+        return model
+
+    def config_problems(self) -> list[str]:
+        """Where ``config.json`` and the tensors' shapes disagree (every problem, not the first)."""
+        cfg, problems = self.config, []
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg.get(key) < 1:
+                problems.append(f"{key} must be a whole number >= 1, got {cfg.get(key)!r}")
+        if problems:
+            return problems
+        embed = "model.embed_tokens.weight"
+        if embed not in self.shards:
+            return [f"no {embed}"]
+        rows, cols = self.shape(embed)
+        if (rows, cols) != (cfg["vocab_size"], cfg["hidden_size"]):
+            problems.append(f"{embed} is [{rows}, {cols}] but vocab_size, hidden_size = "
+                            f"{cfg['vocab_size']}, {cfg['hidden_size']}")
+        layers = {int(m[1]) for m in map(DECODER_LINEAR.match, self.names()) if m}
+        if layers != set(range(cfg["num_hidden_layers"])):
+            problems.append(f"num_hidden_layers is {cfg['num_hidden_layers']} but the weights hold "
+                            f"{len(layers)} layers")
+        if "model.norm.weight" not in self.shards:
+            problems.append("no model.norm.weight")
+        if not cfg.get("tie_word_embeddings", False) and "lm_head.weight" not in self.shards:
+            problems.append("no lm_head.weight and tie_word_embeddings is false")
+        return problems
 
     @property
     def model_type(self) -> str:

@@ -43,3 +43,22 @@ def test_non_finite_base_weight_is_bad_input(samples, tmp_path):
     with pytest.raises(BadInputError, match="up_proj.weight .* NaN or infinite"):
         api.export(samples / "paper-q-blora", tmp_path / "out", "safetensors", base=base, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"vocab_size": 600}, "embed_tokens.weight is \\[512, 128\\] but vocab_size, hidden_size = 600, 128"),
+    ({"num_hidden_layers": 3}, "num_hidden_layers is 3 but the weights hold 2 layers"),
+    ({"hidden_size": "128"}, "hidden_size must be a whole number"),
+])
+def test_config_must_agree_with_the_weights(samples, tmp_path, edit, match):
+    import json
+    import shutil
+
+    from blora_export.errors import BadInputError
+
+    base = tmp_path / "base"
+    shutil.copytree(samples / "base", base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(BadInputError, match=match):
+        BaseModel.open(base)
