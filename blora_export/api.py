@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -95,7 +96,7 @@ def describe_checkpoint(ckpt: Checkpoint, base: BaseModel) -> dict:
         shapes = {"lora_A": list(m.a.shape), "lora_B": list(m.b.shape)} if m.method == "q-blora" else {"H": list(m.h.shape)}
         modules[name] = {"lambda_in": m.lambda_in, "lambda_out": m.lambda_out, "shape": [m.out_features, m.in_features],
                          "inner_rank": m.inner_rank, "parameters": m.num_parameters(), **shapes}
-    base_params = sum(_numel(base.shape(n)) for n in base.names())
+    base_params = sum(math.prod(base.shape(n)) for n in base.names())
     return {"checkpoint": str(ckpt.path), "layout": ckpt.layout, "method": ckpt.method,
             "rank": ckpt.rank, "lora_alpha": ckpt.lora_alpha, "use_rslora": ckpt.use_rslora,
             "scaling": ckpt.scaling, "base": str(base.path), "architecture": base.model_type,
@@ -103,10 +104,3 @@ def describe_checkpoint(ckpt: Checkpoint, base: BaseModel) -> dict:
             "base_quant": None if ckpt.base_quant is None else ckpt.base_quant.to_json(),
             "adapter_parameters": sum(m["parameters"] for m in modules.values()),
             "base_parameters": base_params, "sha256": ckpt.sha256, "modules": modules}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

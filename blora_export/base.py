@@ -42,7 +42,7 @@ class BaseModel:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise BadInputError(f"base model {path} has no config.json")
-        config = _read_json(config_file)
+        config = read_json(config_file)
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedError(f"base model architecture {model_type!r} is not supported; "
@@ -149,9 +149,12 @@ def rope_parameters(config: dict) -> dict:
     return params
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; anything else is a one-line bad-input error."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BadInputError(f"cannot read {path} ({exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadInputError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -163,7 +166,7 @@ def index_shards(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise BadInputError(f"{index} has no weight_map")
         if not all(isinstance(f, str) for f in weight_map.values()):

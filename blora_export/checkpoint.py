@@ -8,7 +8,6 @@ Every problem found is reported at once, in one error.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from .base import BaseModel
+from .base import BaseModel, read_json
 from .delta import AdapterModule
 from .errors import BadInputError, UnsupportedError, problems_error
 from .spec import BaseQuant, BloraConfig, adapter_scaling
@@ -64,16 +63,6 @@ class Checkpoint:
         if not weight_name.endswith(".weight"):
             return None
         return self.modules.get(weight_name[: -len(".weight")])
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise BadInputError(f"{path} must hold a JSON object")
-    return data
 
 
 def file_sha256(path: Path) -> str:

@@ -29,17 +29,24 @@ DEFAULT_PROMPTS = (
 )
 
 
+@contextmanager
+def _load_errors(what: str) -> Iterator[None]:
+    """transformers' loaders fail on bad folders with assorted exceptions: one line, exit 2."""
+    try:
+        yield
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"{what}: {first}") from None
+
+
 def load_hf_model(path, dtype: torch.dtype = torch.float32):
     """A transformers causal LM from a local folder, on CPU, in eval mode."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars (or --quiet) only
-    try:
+    with _load_errors(f"transformers cannot load the model in {path}"):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu")
-    except (OSError, ValueError, TypeError, RuntimeError, KeyError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInputError(f"transformers cannot load the model in {path}: {first}") from None
     model.eval()
     return model
 
@@ -47,11 +54,8 @@ def load_hf_model(path, dtype: torch.dtype = torch.float32):
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    try:
+    with _load_errors(f"cannot load the tokenizer in {path}"):
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError, RuntimeError, KeyError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInputError(f"cannot load the tokenizer in {path}: {first}") from None
 
 
 def tokenize_prompts(base: BaseModel, prompts: Sequence[str]) -> list[list[int]]:

@@ -15,7 +15,6 @@ past the tokenizer) become ``[PADn]`` tokens of type UNUSED, as llama.cpp's conv
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from typing import Iterator, Optional
 import gguf
 from gguf import GGUFWriter, SpecialVocab, TokenType
 
+from blora_export.base import read_json
 from blora_export.errors import BadInputError, UnsupportedError
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,6 @@ class Vocab:
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"cannot read {path} ({exc})") from None
 
 
 def _added_types(tj: dict) -> dict[int, int]:
@@ -163,7 +156,7 @@ def _bpe_from_json(tj: dict) -> Vocab:
 
 def read_vocab(base: Path) -> Vocab:
     """The vocabulary of the tokenizer in ``base`` (see the module docstring)."""
-    tj = _read_json(base / "tokenizer.json") if (base / "tokenizer.json").is_file() else None
+    tj = read_json(base / "tokenizer.json") if (base / "tokenizer.json").is_file() else None
     byte_level = tj is not None and (tj.get("decoder") or {}).get("type") == "ByteLevel"
     if tj is not None and byte_level and tj["model"]["type"] == "BPE":
         return _bpe_from_json(tj)
