@@ -90,6 +90,35 @@ def decode_ms(sess, decoder: dict, prompt, steps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def op_breakdown(folder: Path, decoder: dict, prompt, steps: int, threads: int) -> dict[str, float]:
+    """Mean ms per decode step spent in each ONNX op type (onnxruntime's profiler, node events)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(folder / "profile")
+    sess = ort.InferenceSession(str(folder / to_onnx.MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    logits, past = to_onnx.run_decoder(sess, decoder, prompt)
+    token = int(logits[-1].argmax())
+    trace = Path(sess.end_profiling())  # the prompt's events; the decode steps get their own profile
+    sess = ort.InferenceSession(str(folder / to_onnx.MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    for _ in range(steps):
+        logits, past = to_onnx.run_decoder(sess, decoder, [token], past)
+        token = int(logits[-1].argmax())
+    trace = Path(sess.end_profiling())
+    totals: dict[str, float] = {}
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"].get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e3 / steps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+VARIANT_DIRS = {f"{who} int4 (acc {acc})": f"{d}{acc}" for acc in (0, 4) for who, d in (("ours", "ours"), ("ort RTN", "ort"))}
+
+
 def variants(job, work: Path) -> dict[str, Path]:
     out = {}
     to_onnx.export(job, work / "fp32", precision="fp32")
@@ -123,6 +152,11 @@ def run(args) -> list[dict]:
                 row["ms_per_token"] = min(row["ms_per_token"], decode_ms(sess, decoder, ids[0], args.tokens))
         rows.append({"variant": "adapter effect (no adapter vs training-time)",
                      "max_rel": logit_stats(ref.trained, ref.without_adapter).max_rel})
+        if args.breakdown:
+            for row, (sess, decoder) in zip(rows, runs):
+                if "int4" in row["variant"]:
+                    row["ms_per_op"] = op_breakdown(work / VARIANT_DIRS[row["variant"]], decoder, ids[0],
+                                                    args.tokens, args.threads)
         return rows
 
 
@@ -140,6 +174,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--breakdown", action="store_true", help="also profile the int4 variants: ms per op type")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     rows = run(args)
@@ -152,6 +187,10 @@ def main() -> None:
                   f"{r['ms_per_token']:>9.3f} {r['onnx_bytes'] / 1e6:>7.2f}")
         else:
             print(f"{r['variant']}: {r['max_rel']:.3e}")
+    for r in rows:
+        if "ms_per_op" in r:
+            ops = ", ".join(f"{op} {ms:.3f}" for op, ms in list(r["ms_per_op"].items())[:8])
+            print(f"{r['variant']} ms/token by op: {ops}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
 

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
-
 from .errors import BadInputError, UnsupportedError, problems_error
+from .tensor_io import TensorEntry, all_finite, read_header, read_tensor
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -24,15 +23,16 @@ DECODER_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)
 
 @dataclass
 class BaseModel:
-    """A Hugging Face model folder whose tensors are opened lazily (``safe_open``).
+    """A Hugging Face model folder whose tensors are read lazily, one at a time.
 
-    ``tensor(name)`` reads one tensor; nothing keeps the whole model in memory.
+    ``tensor(name)`` reads one tensor into memory the caller owns (:mod:`.tensor_io`, no
+    memory map is kept open): nothing keeps the whole model, or its pages, resident.
     """
 
     path: Path
     config: dict
     shards: dict[str, Path]  # tensor name -> file
-    _handles: dict = field(default_factory=dict, repr=False)
+    _headers: dict = field(default_factory=dict, repr=False)  # file -> {name: TensorEntry}
 
     @classmethod
     def open(cls, path: str | Path) -> "BaseModel":
@@ -85,31 +85,22 @@ class BaseModel:
     def names(self) -> list[str]:
         return list(self.shards)
 
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
-                raise BadInputError(f"{file} is truncated or not a safetensors file ({exc})") from None
-        return self._handles[file]
+    def _entry(self, name: str) -> TensorEntry:
+        file = self._file(name)
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        entry = self._headers[file].get(name)
+        if entry is None:
+            raise BadInputError(f"cannot read {name} from {file}: the file has no such tensor")
+        return entry
 
     def shape(self, name: str) -> tuple[int, ...]:
-        try:
-            return tuple(self._handle(self._file(name)).get_slice(name).get_shape())
-        except BadInputError:
-            raise
-        except Exception as exc:
-            raise BadInputError(f"cannot read {name} from {self._file(name)} ({exc})") from None
+        return self._entry(name).shape
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read from disk now; non-finite values are bad input."""
-        try:
-            value = self._handle(self._file(name)).get_tensor(name)
-        except BadInputError:
-            raise
-        except Exception as exc:
-            raise BadInputError(f"cannot read {name} from {self._file(name)}: truncated file? ({exc})") from None
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        value = read_tensor(self._entry(name))
+        if not all_finite(value):
             raise BadInputError(f"base tensor {name} in {self._file(name)} contains NaN or infinite values")
         return value
 
@@ -131,11 +122,7 @@ class BaseModel:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
 
     def tensor_dtype(self, name: str) -> torch.dtype:
-        sl = self._handle(self._file(name)).get_slice(name)
-        return _SAFE_DTYPES.get(sl.get_dtype(), torch.float32)
-
-
-_SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        return self._entry(name).dtype
 
 
 def rope_parameters(config: dict) -> dict:
@@ -176,11 +163,7 @@ def index_shards(path: Path) -> dict[str, Path]:
             raise BadInputError(f"{index} names shard files that are missing: {', '.join(missing)}")
         return {name: path / file for name, file in weight_map.items()}
     if single.is_file():
-        try:
-            with safe_open(str(single), framework="pt") as f:
-                return {name: single for name in f.keys()}
-        except Exception as exc:
-            raise BadInputError(f"{single} is truncated or not a safetensors file ({exc})") from None
+        return {name: single for name in sorted(read_header(single))}  # safe_open's keys() order
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if pickles:
         raise UnsupportedError(

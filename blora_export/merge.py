@@ -16,11 +16,12 @@ import torch
 
 from .base import DECODER_LINEAR, BaseModel
 from .checkpoint import Checkpoint
-from .delta import delta_weight
+from .delta import adapter_matrix, delta_weight
 from .errors import BadInputError, UnsupportedError
 from .nf4 import NF4Spec, nf4_roundtrip
 from .numerics import round_to
-from .quant import QuantizedWeight, fold_into_zero_points, quantize_minmax
+from .tensor_io import all_finite
+from .quant import QuantizedWeight, fold_into_zero_points, quantize_minmax, row_chunks
 from .spec import MinMaxGrid, NF4Base
 
 log = logging.getLogger(__name__)
@@ -102,23 +103,50 @@ def exact_merged_weight(name: str, weight: torch.Tensor, ckpt: Checkpoint, plan:
     return merged
 
 
+def merged_weight(name: str, weight: torch.Tensor, ckpt: Checkpoint, plan: MergePlan, dtype: torch.dtype) -> torch.Tensor:
+    """``round_to(exact_merged_weight(...), dtype)`` without the whole float64 tensors.
+
+    The same float64 values are formed, a few rows at a time: ``trained_base(W)`` (float32,
+    exact in float64) plus ``ΔW[o, i] = (M·s/λi)[o//λo, i//λi]`` broadcast over each λi run
+    instead of materialized (the same float64 operands, hence the same sums), then correctly
+    rounded to ``dtype``. A fold-aware checkpoint's weights are float32 values ``α·q + β'``:
+    rounding them to ``dtype`` once is exact rounding already.
+    """
+    module = ckpt.module_for_weight(name)
+    if module is not None and ckpt.folded_forward and plan.merge_into == "dequantized":
+        qw = quantize_minmax(weight.to(torch.float32), plan.base_quant, name)
+        return fold_into_zero_points(qw, module).dequantize(dtype)
+    base = trained_base_weight(name, weight, plan)
+    if module is None:
+        return base.to(dtype)
+    m = adapter_matrix(module, torch.float64) * (module.scaling / module.lambda_in)
+    out = torch.empty(base.shape, dtype=dtype)
+    li = module.lambda_in
+    for r0, r1 in row_chunks(tuple(base.shape), 1):
+        rows = base[r0:r1].to(torch.float64, copy=True).view(r1 - r0, -1, li)
+        rows += m[torch.arange(r0, r1) // module.lambda_out][:, :, None]
+        out[r0:r1] = round_to(rows.view(r1 - r0, -1), dtype)
+    return out
+
+
 def merged_tensors(base: BaseModel, ckpt: Checkpoint, plan: MergePlan, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the merged model, in base-file order, one at a time.
 
     Adapted weights are ``round_dtype(trained_base(W) + ΔW)`` from float64: each within half
-    an ulp of ``dtype`` of the exact sum. Other tensors are cast to ``dtype`` (quantized
-    decoder Linears dequantized first when merging into the dequantized base).
+    an ulp of ``dtype`` of the exact sum (:func:`merged_weight`). Other tensors are cast to
+    ``dtype`` (quantized decoder Linears dequantized first when merging into the dequantized base).
     """
     for name in base.names():
         weight = base.tensor(name)
         if ckpt.module_for_weight(name) is not None:
-            merged = round_to(exact_merged_weight(name, weight, ckpt, plan), dtype)
+            merged = merged_weight(name, weight, ckpt, plan, dtype)
         elif weight.is_floating_point():
             merged = trained_base_weight(name, weight, plan).to(dtype)
         else:
             yield name, weight
             continue
-        if not torch.isfinite(merged).all():
+        del weight
+        if not all_finite(merged):
             raise UnsupportedError(f"{name} overflows {str(dtype)[6:]} after merging; "
                                    "use --dtype bfloat16 or float32")
         yield name, merged

@@ -12,6 +12,7 @@ The min-max rule, used by training, export and verification alike::
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,10 +37,41 @@ class QuantizedWeight:
         return tuple(self.codes.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``alpha * q + beta`` in float32 (then cast to ``dtype``)."""
-        a = expand_blocks(self.alpha.float(), self.grid)
-        b = expand_blocks(self.beta.float(), self.grid)
-        return (a * self.codes.float() + b).to(dtype)
+        """``alpha * q + beta`` in float32 (then cast to ``dtype``).
+
+        Computed a few block rows at a time with α and β broadcast over their blocks: the same
+        two float32 operations per element (multiply, then add) as on expanded tensors.
+        """
+        out = torch.empty(self.shape, dtype=torch.float32)
+        a32, b32 = self.alpha.float(), self.beta.float()
+        for r0, r1 in row_chunks(self.shape, self.grid.block_out):
+            p0, p1 = r0 // self.grid.block_out, r1 // self.grid.block_out
+            blk = block_view(self.codes[r0:r1], self.grid).float()
+            blk.mul_(per_block(a32[p0:p1])).add_(per_block(b32[p0:p1]))
+            out[r0:r1] = blk.view(r1 - r0, -1)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+
+CHUNK_ELEMENTS = 1 << 17  # elements per pass: the working set of one chunk stays in cache
+
+
+def row_chunks(shape: tuple[int, ...], multiple: int = 1, elements: int = CHUNK_ELEMENTS):
+    """``(start, stop)`` row ranges of about ``elements`` elements, starts a multiple of ``multiple``."""
+    rows, cols = shape[0], max(1, shape[-1])
+    step = max(multiple, (elements // cols) // multiple * multiple)
+    for r0 in range(0, rows, step):
+        yield r0, min(r0 + step, rows)
+
+
+def block_view(w: torch.Tensor, grid: MinMaxGrid) -> torch.Tensor:
+    """``[rows, in]`` (rows a multiple of ``block_out``) as ``[rows/bo, bo, in/bi, bi]`` (a view if contiguous)."""
+    rows, cols = w.shape
+    return w.reshape(rows // grid.block_out, grid.block_out, cols // grid.block_in, grid.block_in)
+
+
+def per_block(p: torch.Tensor) -> torch.Tensor:
+    """A ``[rows/bo, in/bi]`` tensor shaped to broadcast over :func:`block_view`."""
+    return p[:, None, :, None]
 
 
 def expand_blocks(per_block: torch.Tensor, grid: MinMaxGrid) -> torch.Tensor:
@@ -56,14 +88,6 @@ def check_grid_fits(shape: tuple[int, int], grid: MinMaxGrid, name: str = "weigh
             f"use a block size that divides both dimensions")
 
 
-def _blocks(w: torch.Tensor, grid: MinMaxGrid) -> torch.Tensor:
-    """View ``[out, in]`` as ``[out/bo, in/bi, bo*bi]`` (one row per block)."""
-    out_f, in_f = w.shape
-    bo, bi = grid.block_out, grid.block_in
-    return (w.reshape(out_f // bo, bo, in_f // bi, bi).permute(0, 2, 1, 3)
-            .reshape(out_f // bo, in_f // bi, bo * bi))
-
-
 def quantize_minmax(weight: torch.Tensor, grid: MinMaxGrid, name: str = "weight") -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` with the min-max rule on ``grid`` (see module docstring)."""
     if not isinstance(grid, MinMaxGrid):
@@ -72,22 +96,65 @@ def quantize_minmax(weight: torch.Tensor, grid: MinMaxGrid, name: str = "weight"
     if weight.ndim != 2:
         raise BadInputError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     check_grid_fits(tuple(weight.shape), grid, name)
-    w = weight.to(torch.float32)
-    if not torch.isfinite(w).all():
+    out_f, in_f = weight.shape
+    bo, bi = grid.block_out, grid.block_in
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+    lo = torch.empty(out_f // bo, in_f // bi, dtype=torch.float32)
+    hi = torch.empty_like(lo)
+    scratch = _Scratch(weight.shape, bo)
+    for r0, r1 in row_chunks(tuple(weight.shape), bo):
+        p0, p1 = r0 // bo, r1 // bo
+        blk = block_view(scratch.take(0, weight[r0:r1]), grid)
+        torch.amin(blk, dim=(1, 3), out=lo[p0:p1])
+        torch.amax(blk, dim=(1, 3), out=hi[p0:p1])
+        _codes_into(codes[r0:r1], blk, lo[p0:p1], hi[p0:p1], grid, scratch)
+    # amin/amax propagate NaN, and an infinity makes a block's min or max infinite: checking
+    # the per-block extremes checks every element.
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
         raise BadInputError(f"{name}: contains NaN or infinite values")
-    blocks = _blocks(w, grid)
-    lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
-    pdt = grid.torch_dtype
-    alpha = ((hi - lo) / grid.levels).to(pdt)
-    beta = lo.to(pdt)
+    alpha, beta = _alpha_beta(lo, hi, grid)
     if not (torch.isfinite(alpha).all() and torch.isfinite(beta).all()):
         raise UnsupportedError(f"{name}: block range overflows {grid.param_dtype}; use param_dtype float32")
-    a32 = expand_blocks(alpha.float(), grid)
-    b32 = expand_blocks(beta.float(), grid)
-    safe = torch.where(a32 == 0, torch.ones_like(a32), a32)
-    q = torch.floor((w - b32) / safe + 0.5).clamp_(0, grid.levels)
-    q = torch.where(a32 == 0, torch.zeros_like(q), q)
-    return QuantizedWeight(codes=q.to(torch.uint8), alpha=alpha, beta=beta, grid=grid)
+    return QuantizedWeight(codes=codes, alpha=alpha, beta=beta, grid=grid)
+
+
+def _alpha_beta(lo: torch.Tensor, hi: torch.Tensor, grid: MinMaxGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """``alpha = param_dtype((max - min) / (2^N - 1))``, ``beta = param_dtype(min)`` (float32 math)."""
+    return ((hi - lo) / grid.levels).to(grid.torch_dtype), lo.to(grid.torch_dtype)
+
+
+class _Scratch:
+    """Two float32 buffers of one row chunk, reused across chunks (a fresh allocation per chunk
+    costs page faults that take longer than the arithmetic)."""
+
+    def __init__(self, shape: tuple[int, ...], multiple: int):
+        rows = max(r1 - r0 for r0, r1 in row_chunks(tuple(shape), multiple))
+        self.bufs = [torch.empty(rows * shape[-1], dtype=torch.float32) for _ in range(2)]
+
+    def take(self, i: int, rows: torch.Tensor | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Buffer ``i`` shaped like ``rows`` (filled with it, as float32) or ``shape``."""
+        shape = tuple(rows.shape) if rows is not None else shape
+        out = self.bufs[i][: math.prod(shape)].view(shape)
+        return out if rows is None else out.copy_(rows)
+
+
+def _codes_into(dest: torch.Tensor, blk: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grid: MinMaxGrid,
+                scratch: "_Scratch") -> None:
+    """The module docstring's rule on whole block rows, written into ``dest`` (uint8).
+
+    Per element: ``(w - β)`` then ``/ α`` (or ``/ 1`` where α == 0) then ``+ 0.5``, floor,
+    clamp, all float32 with α and β broadcast over their block: bit for bit the formula on
+    expanded tensors.
+    """
+    alpha, beta = _alpha_beta(lo, hi, grid)
+    a32 = alpha.float()
+    zero = a32 == 0
+    q = scratch.take(1, shape=tuple(blk.shape))
+    torch.sub(blk, per_block(beta.float()), out=q)
+    q.div_(per_block(torch.where(zero, torch.ones_like(a32), a32))).add_(0.5).floor_().clamp_(0, grid.levels)
+    if bool(zero.any()):
+        q.masked_fill_(per_block(zero), 0)
+    dest.copy_(q.view(dest.shape))
 
 
 def fold_problems(grid: MinMaxGrid, lambda_in: int, lambda_out: int) -> list[str]:

@@ -24,7 +24,7 @@ from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter
 
 from blora_export.base import DECODER_LINEAR, rope_parameters
 from blora_export.errors import BadInputError, UnsupportedError
-from blora_export.merge import exact_merged_weight, trained_base_weight
+from blora_export.merge import exact_merged_weight, merged_weight, trained_base_weight
 from blora_export.quant import (
     fold_into_zero_points,
     foldable_hint,
@@ -35,7 +35,17 @@ from blora_export.quant import (
 from blora_export.spec import MinMaxGrid
 
 from .base import ExportJob
-from .gguf_quants import GGUF_TYPES, MIN_TYPE_FOR_BITS, QK, ErrorStats, GGUFType, dequantize, pack_rows, quantize
+from .gguf_quants import (
+    GGUF_TYPES,
+    MIN_TYPE_FOR_BITS,
+    QK,
+    ErrorStats,
+    GGUFType,
+    dequantize,
+    encode_float,
+    pack_rows,
+    quantize,
+)
 
 
 @dataclass(frozen=True)
@@ -277,12 +287,17 @@ def encode_tensor(spec: TensorSpec, ctx: EncodeContext) -> np.ndarray:
         return data
     module = None if ctx.base_only else job.ckpt.module_for_weight(spec.source)
     if ctx.encoding == "fold":
-        qw = quantize_minmax(weight.to(torch.float32), job.ckpt.base_quant, spec.source)
+        qw = quantize_minmax(weight, job.ckpt.base_quant, spec.source)
         if module is not None:
             qw = fold_into_zero_points(qw, module)
         alpha, beta = to_row_blocks(qw, QK)
         return pack_rows(_rows(qw.codes, spec.heads), _rows(alpha, spec.heads), _rows(beta, spec.heads),
                          spec.gtype.qtype)
+    if not spec.gtype.quantized:  # correctly rounded (in row chunks: no whole float64 tensor)
+        dtype = spec.gtype.float_dtype
+        rounded = (trained_base_weight(spec.source, weight, job.plan).to(dtype) if module is None
+                   else merged_weight(spec.source, weight, job.ckpt, job.plan, dtype))
+        return encode_float(_rows(rounded, spec.heads), spec.gtype)
     if module is not None:
         exact = exact_merged_weight(spec.source, weight, job.ckpt, job.plan)
     else:

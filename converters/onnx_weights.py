@@ -23,8 +23,8 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from blora_export.delta import delta_weight
-from blora_export.merge import exact_merged_weight, trained_base_weight
-from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio, round_to
+from blora_export.merge import exact_merged_weight, merged_weight
+from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio
 from blora_export.quant import expand_blocks, quantize_minmax, to_row_blocks, trained_beta
 from blora_export.spec import MinMaxGrid
 
@@ -87,10 +87,7 @@ class FloatWeights:
     dtype: torch.dtype  # float32 or float16 storage (math is float32)
 
     def merged(self, name: str) -> torch.Tensor:
-        weight = self.job.base.tensor(name)
-        if self.job.ckpt.module_for_weight(name) is not None:
-            return round_to(exact_merged_weight(name, weight, self.job.ckpt, self.job.plan), self.dtype)
-        return trained_base_weight(name, weight, self.job.plan).to(self.dtype)
+        return merged_weight(name, self.job.base.tensor(name), self.job.ckpt, self.job.plan, self.dtype)
 
     def linear(self, layer: int, group: LinearGroup) -> FloatLinear:
         weight = torch.cat([self.merged(n) for n in member_names(layer, group)])
@@ -185,7 +182,7 @@ class TensorStore:
         for key, value in (("location", self.location), ("offset", offset + pad), ("length", array.nbytes)):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, str(value)
-        self._file.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        self._file.write(memoryview(array.astype(array.dtype.newbyteorder("<"), copy=False)).cast("B"))  # no copy
         self.nbytes += array.nbytes
         self.protos.append(tensor)
         return name

@@ -28,13 +28,14 @@ from safetensors import safe_open
 from blora_export.delta import delta_weight
 from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.io import atomic_dir
-from blora_export.merge import exact_merged_weight, is_quantized_linear, trained_base_weight
+from blora_export.merge import exact_merged_weight, is_quantized_linear, merged_weight, trained_base_weight
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio, logit_stats, round_to
 from blora_export.quant import (
     QuantizedWeight,
     expand_blocks,
     foldable_hint,
     quantize_minmax,
+    row_chunks,
     runtime_fold_problems,
     to_row_blocks,
     trained_beta,
@@ -86,14 +87,30 @@ class MlxPlan:
 # ---------------------------------------------------------------- packing
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes ``[out, in]`` -> uint32 ``[out, in*bits/32]``: each row one LSB-first bit stream."""
+    """uint8 codes ``[out, in]`` -> uint32 ``[out, in*bits/32]``: each row one LSB-first bit stream.
+
+    Widths that divide 32 put ``32/bits`` whole codes in each word (``Σ q[k] << bits·k``); the
+    others go through bit planes, a few rows at a time.
+    """
     out_f, in_f = codes.shape
     if (in_f * bits) % 32:
         raise UnsupportedError(f"a row of {in_f} {bits}-bit codes does not fill whole 32-bit words")
-    c = codes.numpy().astype(np.uint8).reshape(out_f, in_f, 1)
-    bit_planes = np.unpackbits(c, axis=2, bitorder="little")[:, :, :bits]
-    packed = np.packbits(bit_planes.reshape(out_f, in_f * bits), axis=1, bitorder="little")
-    return torch.from_numpy(np.ascontiguousarray(packed).view("<u4").copy())
+    c = codes.numpy()
+    words = np.empty((out_f, in_f * bits // 32), dtype="<u4")
+    for r0, r1 in row_chunks(tuple(codes.shape)):
+        words[r0:r1] = _pack_rows(c[r0:r1], bits)
+    return torch.from_numpy(words)
+
+
+def _pack_rows(c: np.ndarray, bits: int) -> np.ndarray:
+    rows, in_f = c.shape
+    if 32 % bits == 0:
+        per = 32 // bits
+        shifts = (np.arange(per, dtype=np.uint32) * bits).reshape(1, 1, per)
+        return np.bitwise_or.reduce(c.reshape(rows, in_f // per, per).astype(np.uint32) << shifts, axis=2)
+    bit_planes = np.unpackbits(c.astype(np.uint8).reshape(rows, in_f, 1), axis=2, bitorder="little")[:, :, :bits]
+    packed = np.packbits(bit_planes.reshape(rows, in_f * bits), axis=1, bitorder="little")
+    return np.ascontiguousarray(packed).view("<u4")
 
 
 def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -204,7 +221,7 @@ def mlx_tensors(job: ExportJob, mplan: MlxPlan, stats: dict) -> Iterator[tuple[s
             yield stem + ".scales", scales
             yield stem + ".biases", biases
         elif job.ckpt.module_for_weight(name) is not None:
-            yield name, round_to(exact_merged_weight(name, weight, job.ckpt, job.plan), weight.dtype)
+            yield name, merged_weight(name, weight, job.ckpt, job.plan, weight.dtype)
         else:
             yield name, weight
 
@@ -242,7 +259,8 @@ def export(job: ExportJob, out: Path, bits: Optional[int] = None, group_size: Op
     stats: dict = {}
     names = job.base.names()
     with atomic_dir(out) as tmp:
-        stream = job.progress(mlx_tensors(job, mplan, stats), desc="mlx", unit="tensor")
+        total = len(names) + 2 * sum(1 for n in names if is_quantized_linear(n))  # + scales, biases
+        stream = job.progress(mlx_tensors(job, mplan, stats), desc="mlx", total=total, unit="tensor")
         weight_map = write_shards(stream, tmp, MAX_SHARD_BYTES)
         files = sorted(set(weight_map.values()))
         if len(files) > 1:

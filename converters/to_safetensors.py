@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from blora_export.base import BaseModel, index_shards
 from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.io import atomic_dir
 from blora_export.merge import DTYPES, exact_merged_weight, merged_tensors
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio
+from blora_export.tensor_io import SafetensorsStream
 from blora_export.reference import load_hf_model, model_logits
 
 from .base import Artifact, ExportJob, ExportResult, LayerCheck
@@ -63,28 +63,38 @@ def write_hf_config(job: ExportJob, out: Path, dtype_name: str, extra: dict | No
 
 
 def write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
-    """Write tensors into shards of at most ``max_shard_bytes``; return name -> file."""
-    shard: dict[str, torch.Tensor] = {}
-    size, files, weight_map = 0, [], {}
+    """Write tensors into shards of at most ``max_shard_bytes``; return name -> file.
+
+    Each tensor is streamed to its shard as it arrives (:class:`SafetensorsStream`): memory
+    holds one tensor, not one shard.
+    """
+    files: list[tuple[str, list[str]]] = []
+    stream = None
 
     def flush():
-        nonlocal shard, size
-        if shard:
-            file = f"part-{len(files):05d}.safetensors"
-            save_file(shard, str(out / file), metadata={"format": "pt"})
-            files.append((file, list(shard)))
-            shard, size = {}, 0
+        nonlocal stream
+        if stream is not None:
+            stream.close()
+            files.append((stream.path.name, list(stream.entries)))
+            stream = None
 
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-        shard[name] = tensor.contiguous()
-        size += nbytes
-    flush()
+    try:
+        for name, tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if stream is not None and stream.nbytes + nbytes > max_shard_bytes:
+                flush()
+            if stream is None:
+                stream = SafetensorsStream(out / f"part-{len(files):05d}.safetensors", {"format": "pt"})
+            stream.add(name, tensor)
+            del tensor
+        flush()
+    finally:
+        if stream is not None:
+            stream.abort()
     if len(files) == 1:
         (out / files[0][0]).rename(out / "model.safetensors")
         return {name: "model.safetensors" for name in files[0][1]}
+    weight_map = {}
     for i, (file, names) in enumerate(files):
         final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
         (out / file).rename(out / final)
