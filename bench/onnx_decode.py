@@ -148,12 +148,12 @@ def run(args) -> list[dict]:
                          "kl": stats.kl_mean, "ms_per_token": float("inf"), "onnx_bytes": size})
             runs.append((sess, decoder))
         for _ in range(args.trials):  # interleaved, so that other load on the machine hits every variant alike
-            for row, (sess, decoder) in zip(rows, runs):
+            for row, (_sess, decoder) in zip(rows, runs):
                 row["ms_per_token"] = min(row["ms_per_token"], decode_ms(sess, decoder, ids[0], args.tokens))
         rows.append({"variant": "adapter effect (no adapter vs training-time)",
                      "max_rel": logit_stats(ref.trained, ref.without_adapter).max_rel})
         if args.breakdown:
-            for row, (sess, decoder) in zip(rows, runs):
+            for row, (_sess, decoder) in zip(rows, runs):
                 if "int4" in row["variant"]:
                     row["ms_per_op"] = op_breakdown(work / VARIANT_DIRS[row["variant"]], decoder, ids[0],
                                                     args.tokens, args.threads)

@@ -8,9 +8,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
+
 from .errors import BadInputError, UnsupportedError, problems_error
 from .tensor_io import TensorEntry, all_finite, read_header, read_tensor
 
@@ -22,17 +23,71 @@ DECODER_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)
 
 
 @dataclass
-class BaseModel:
-    """A Hugging Face model folder whose tensors are read lazily, one at a time.
+class TensorFolder:
+    """The one safetensors reader: a folder's tensors (``model.safetensors``, a sharded index,
+    or any ``model*.safetensors``), read lazily.
 
-    ``tensor(name)`` reads one tensor into memory the caller owns (:mod:`.tensor_io`, no
-    memory map is kept open): nothing keeps the whole model, or its pages, resident.
+    ``tensor(name)`` reads one tensor into memory the caller owns (:mod:`.tensor_io`: no memory
+    map is kept open, so neither the model nor its pages stay resident). Never unpickles.
     """
 
     path: Path
-    config: dict
     shards: dict[str, Path]  # tensor name -> file
     _headers: dict = field(default_factory=dict, repr=False)  # file -> {name: TensorEntry}
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TensorFolder":
+        return cls(path=Path(path), shards=index_shards(Path(path)))
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        """The tensor as stored (non-finite values allowed), or ``None`` when there is none of that name."""
+        return self.tensor(name, finite=False) if name in self.shards else None
+
+    def names(self) -> list[str]:
+        return list(self.shards)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shards
+
+    def _entry(self, name: str) -> TensorEntry:
+        file = self._file(name)
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        entry = self._headers[file].get(name)
+        if entry is None:
+            raise BadInputError(f"cannot read {name} from {file}: the file has no such tensor")
+        return entry
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def tensor(self, name: str, finite: bool = True) -> torch.Tensor:
+        """One tensor, read from disk now; non-finite values are bad input (unless ``finite=False``:
+        an artifact under verification may hold them, and then fails its checks)."""
+        value = read_tensor(self._entry(name))
+        if finite and not all_finite(value):
+            raise BadInputError(f"tensor {name} in {self._file(name)} contains NaN or infinite values")
+        return value
+
+    def _file(self, name: str) -> Path:
+        if name not in self.shards:
+            raise BadInputError(f"{self.path} has no tensor {name!r}")
+        return self.shards[name]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor in file order, one at a time."""
+        for name in self.names():
+            yield name, self.tensor(name)
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        return self._entry(name).dtype
+
+
+@dataclass
+class BaseModel(TensorFolder):
+    """A Hugging Face model folder: ``config.json`` plus its tensors (a :class:`TensorFolder`)."""
+
+    config: dict = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: str | Path) -> "BaseModel":
@@ -82,47 +137,12 @@ class BaseModel:
     def model_type(self) -> str:
         return self.config["model_type"]
 
-    def names(self) -> list[str]:
-        return list(self.shards)
-
-    def _entry(self, name: str) -> TensorEntry:
-        file = self._file(name)
-        if file not in self._headers:
-            self._headers[file] = read_header(file)
-        entry = self._headers[file].get(name)
-        if entry is None:
-            raise BadInputError(f"cannot read {name} from {file}: the file has no such tensor")
-        return entry
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name).shape
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor, read from disk now; non-finite values are bad input."""
-        value = read_tensor(self._entry(name))
-        if not all_finite(value):
-            raise BadInputError(f"base tensor {name} in {self._file(name)} contains NaN or infinite values")
-        return value
-
-    def _file(self, name: str) -> Path:
-        if name not in self.shards:
-            raise BadInputError(f"base model {self.path} has no tensor {name!r}")
-        return self.shards[name]
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor in file order, one at a time."""
-        for name in self.names():
-            yield name, self.tensor(name)
-
     def linear_names(self) -> list[str]:
         """Weights of the decoder's Linear layers (what a quantized base quantizes)."""
         return [n for n in self.names() if DECODER_LINEAR.match(n)]
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
-
-    def tensor_dtype(self, name: str) -> torch.dtype:
-        return self._entry(name).dtype
 
 
 def rope_parameters(config: dict) -> dict:

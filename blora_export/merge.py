@@ -17,15 +17,16 @@ import torch
 from .base import DECODER_LINEAR, BaseModel
 from .checkpoint import Checkpoint
 from .delta import adapter_matrix, delta_weight
+from .enums import MergeTarget
 from .errors import BadInputError, UnsupportedError
-from .nf4 import NF4Spec, nf4_roundtrip
+from .nf4 import nf4_roundtrip
 from .numerics import round_to
-from .tensor_io import all_finite
 from .quant import QuantizedWeight, fold_into_zero_points, quantize_minmax, row_chunks
 from .spec import MinMaxGrid, NF4Base
+from .tensor_io import all_finite
 
 log = logging.getLogger(__name__)
-MERGE_TARGETS = ("original", "dequantized")
+MERGE_TARGETS = MergeTarget.values()
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -73,17 +74,16 @@ def quantize_base_weight(weight: torch.Tensor, grid: MinMaxGrid, name: str) -> Q
 
 def trained_base_weight(name: str, weight: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     """The base weight the adapter was trained against (float32), per the plan."""
-    w = weight.to(torch.float32)
     if plan.merge_into == "original" or not is_quantized_linear(name):
-        return w
+        return weight.to(torch.float32)
     quant = plan.base_quant
     if isinstance(quant, NF4Base):
         try:
-            return nf4_roundtrip(weight, NF4Spec(quant.blocksize, quant.double_quant)).to(torch.float32)
+            return nf4_roundtrip(weight, quant).to(torch.float32)
         except ValueError as exc:
             raise BadInputError(f"{name}: {exc}") from None
     if isinstance(quant, MinMaxGrid):
-        return quantize_minmax(w, quant, name).dequantize()
+        return quantize_minmax(weight, quant, name).dequantize()  # converts to float32 a few rows at a time
     raise UnsupportedError(f"unknown base quantization {quant!r}")
 
 
@@ -95,7 +95,7 @@ def exact_merged_weight(name: str, weight: torch.Tensor, ckpt: Checkpoint, plan:
     """
     module = ckpt.module_for_weight(name)
     if module is not None and ckpt.folded_forward and plan.merge_into == "dequantized":
-        qw = quantize_minmax(weight.to(torch.float32), plan.base_quant, name)
+        qw = quantize_minmax(weight, plan.base_quant, name)
         return fold_into_zero_points(qw, module).dequantize().to(torch.float64)
     merged = trained_base_weight(name, weight, plan).to(torch.float64)
     if module is not None:
@@ -114,7 +114,7 @@ def merged_weight(name: str, weight: torch.Tensor, ckpt: Checkpoint, plan: Merge
     """
     module = ckpt.module_for_weight(name)
     if module is not None and ckpt.folded_forward and plan.merge_into == "dequantized":
-        qw = quantize_minmax(weight.to(torch.float32), plan.base_quant, name)
+        qw = quantize_minmax(weight, plan.base_quant, name)
         return fold_into_zero_points(qw, module).dequantize(dtype)
     base = trained_base_weight(name, weight, plan)
     if module is None:
