@@ -118,16 +118,28 @@ def llama_cpp_dir(workdir: Path) -> Path:
     return workdir / f"llama_cpp_python-{llama_cpp_version()}" / "vendor" / "llama.cpp"
 
 
-def llama_cpp_tools(workdir: Path) -> tuple[Path, Path] | str:
-    """``(convert_hf_to_gguf.py, llama-quantize)`` or why they are not available."""
+QUANTIZE_VIA_BINDING = ("import sys, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
+                        "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1; llama_cpp.llama_backend_init(); "
+                        "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
+
+
+def llama_cpp_tools(workdir: Path) -> tuple[Path, list[str]] | str:
+    """``(convert_hf_to_gguf.py, quantize command prefix)`` or why they are not available.
+
+    The quantize step is the built ``llama-quantize``; when only the sdist is unpacked (not yet
+    built), llama-cpp-python's own ``llama_model_quantize`` (the library function that
+    ``llama-quantize`` wraps, same version) is used instead, and the row says so.
+    """
     try:
         tree = llama_cpp_dir(workdir)
     except Exception as exc:  # llama-cpp-python not installed
         return f"llama-cpp-python is not installed ({exc})"
     convert, quantize = tree / "convert_hf_to_gguf.py", tree / "build" / "bin" / "llama-quantize"
-    if not (convert.is_file() and quantize.is_file()):
+    if not convert.is_file():
         return f"llama.cpp tools not built under {tree} (run: python bench/scale.py --build-llama-cpp)"
-    return convert, quantize
+    if quantize.is_file():
+        return convert, [str(quantize)]
+    return convert, [sys.executable, "-c", QUANTIZE_VIA_BINDING]
 
 
 def build_llama_cpp(workdir: Path) -> None:
@@ -173,18 +185,22 @@ def our_commands(models: dict[str, Path], out: Path) -> dict[str, tuple[str, lis
 
 def run_llama_cpp(base: Path, out: Path, logs: Path, workdir: Path) -> list[Run]:
     tools = llama_cpp_tools(workdir)
-    names = ("llama.cpp convert_hf_to_gguf --outtype f16", "llama.cpp llama-quantize Q4_1")
+    names = ["llama.cpp convert_hf_to_gguf --outtype f16", "llama.cpp llama-quantize Q4_1"]
     if isinstance(tools, str):
         return [Run(n, [], status="skipped", note=tools) for n in names]
     convert, quantize = tools
+    if quantize[0] == sys.executable:
+        names[1] = "llama.cpp Q4_1 (llama_model_quantize via llama-cpp-python: llama-quantize not built)"
     env = {"PYTHONPATH": str(convert.parent / "gguf-py"), "NO_LOCAL_GGUF": ""}
     f16 = out / "llama-f16.gguf"
     runs = [timed("llama-convert", [sys.executable, str(convert), str(base), "--outtype", "f16", "--outfile", str(f16)],
                   logs, env)]
     runs[0].name = names[0]
     if runs[0].status == "ok":
-        runs.append(timed("llama-quantize", [str(quantize), str(f16), str(out / "llama-q4_1.gguf"), "Q4_1"], logs))
+        argv = [*quantize, str(f16), str(out / "llama-q4_1.gguf")] + (["Q4_1"] if len(quantize) == 1 else [])
+        runs.append(timed("llama-quantize", argv, logs))
         runs[1].name = names[1]
+        f16.unlink(missing_ok=True)
     return runs
 
 
@@ -221,6 +237,7 @@ def bench_size(size: str, commands: set[str], workdir: Path, keep: bool) -> dict
     llama = [r for r in runs if r.status == "ok"]
     llama_wall = sum(r.wall_s for r in llama) if len(llama) == 2 else None
     llama_rss = max((r.peak_rss_gb for r in llama), default=None)
+    llama_cpu = sum(r.user_s + r.sys_s for r in llama) if llama_wall else None
     largest_gb = largest_tensor_bytes(SHAPES[size]) / GB
     for name, (group, argv) in our_commands(models, out).items():
         if group not in commands:
@@ -229,35 +246,38 @@ def bench_size(size: str, commands: set[str], workdir: Path, keep: bool) -> dict
         run.name = name
         judge(run, group, size, llama_wall, largest_gb)
         if llama_wall:
-            run.extra = {"wall_vs_llama_cpp": run.wall_s / llama_wall, "rss_vs_llama_cpp": run.peak_rss_gb / llama_rss}
+            run.extra = {"wall_vs_llama_cpp": run.wall_s / llama_wall, "rss_vs_llama_cpp": run.peak_rss_gb / llama_rss,
+                         "cpu_vs_llama_cpp": (run.user_s + run.sys_s) / llama_cpu}
         runs.append(run)
         print(f"  {name}: {run.status} {run.wall_s:.1f} s {run.peak_rss_gb:.2f} GB {run.note}", flush=True)
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
     return {"size": size, "shape": asdict(SHAPES[size]), "params": SHAPES[size].params(),
-            "largest_tensor_gb": largest_gb, "build_s": build_s, "llama_cpp_wall_s": llama_wall,
+            "largest_tensor_gb": largest_gb, "build_s": build_s, "llama_cpp_wall_s": llama_wall, "llama_cpp_cpu_s": llama_cpu,
             "llama_cpp_peak_rss_gb": llama_rss, "runs": [asdict(r) for r in runs]}
 
 
 def table(result: dict) -> str:
     lines = [f"## {result['size']} ({result['params'] / 1e9:.2f} B parameters)", "",
-             "| command | wall | peak RSS | wall / llama.cpp | RSS / llama.cpp | target | met |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| command | wall | CPU (user+sys) | peak RSS | wall / llama.cpp | CPU / llama.cpp | RSS / llama.cpp | target | met |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
         if r["status"] == "skipped":
-            lines.append(f"| {r['name']} | skipped | | | | {r['note']} | |")
+            lines.append(f"| {r['name']} | skipped | | | | | | {r['note']} | |")
             continue
         ratios = r["extra"]
         wall_ratio = f"{ratios['wall_vs_llama_cpp']:.2f}x" if "wall_vs_llama_cpp" in ratios else "-"
         rss_ratio = f"{ratios['rss_vs_llama_cpp']:.2f}x" if "rss_vs_llama_cpp" in ratios else "-"
+        cpu_ratio = f"{ratios['cpu_vs_llama_cpp']:.2f}x" if "cpu_vs_llama_cpp" in ratios else "-"
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
         status = "" if r["status"] == "ok" else f" **{r['status']}**: {r['note']}"
-        lines.append(f"| {r['name']}{status} | {r['wall_s']:.1f} s | {r['peak_rss_gb']:.2f} GB | {wall_ratio} | "
-                     f"{rss_ratio} | {r['target']} | {met} |")
+        lines.append(f"| {r['name']}{status} | {r['wall_s']:.1f} s | {r['user_s'] + r['sys_s']:.1f} s | "
+                     f"{r['peak_rss_gb']:.2f} GB | {wall_ratio} | {cpu_ratio} | {rss_ratio} | {r['target']} | {met} |")
     if result["llama_cpp_wall_s"]:
         lines.append(f"| llama.cpp convert f16 + quantize Q4_1 | {result['llama_cpp_wall_s']:.1f} s | "
-                     f"{result['llama_cpp_peak_rss_gb']:.2f} GB | 1.00x | 1.00x | | |")
+                     f"{result['llama_cpp_cpu_s']:.1f} s | {result['llama_cpp_peak_rss_gb']:.2f} GB | 1.00x | 1.00x | "
+                     "1.00x | | |")
     return "\n".join(lines)
 
 

@@ -72,16 +72,19 @@ class _MinBlock:
         return GGML_QUANT_SIZES[cls.qtype][1]
 
     @classmethod
-    def pack_codes(cls, q: np.ndarray) -> np.ndarray:
-        """``[n, 32]`` uint8 codes -> ``[n, type_size - 4]`` bytes."""
+    def pack_codes(cls, q: np.ndarray, out: np.ndarray) -> None:
+        """``[n, 32]`` uint8 codes -> ``out`` ``[n, type_size - 4]`` bytes."""
         raise NotImplementedError
 
     @classmethod
     def pack(cls, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """Blocks ``[n, type_size]`` uint8 from codes ``[n, 32]``, fp16 ``d`` ``[n]`` and ``m`` ``[n]``."""
-        d16 = np.ascontiguousarray(d, dtype=np.float16).reshape(-1, 1).view(np.uint8)
-        m16 = np.ascontiguousarray(m, dtype=np.float16).reshape(-1, 1).view(np.uint8)
-        return np.concatenate([d16, m16, cls.pack_codes(q.astype(np.uint8))], axis=1)
+        """Blocks ``[n, type_size]`` uint8 from codes ``[n, 32]``, fp16 ``d`` ``[n]`` and ``m`` ``[n]``
+        (written in place into one output array: no per-field copies)."""
+        out = np.empty((q.shape[0], cls.type_size()), dtype=np.uint8)
+        out[:, cls.D] = np.ascontiguousarray(d, dtype=np.float16).reshape(-1, 1).view(np.uint8)
+        out[:, cls.M] = np.ascontiguousarray(m, dtype=np.float16).reshape(-1, 1).view(np.uint8)
+        cls.pack_codes(np.asarray(q, dtype=np.uint8), out[:, cls.CODES])
+        return out
 
 
 class Q4_1Block(_MinBlock):
@@ -89,8 +92,9 @@ class Q4_1Block(_MinBlock):
     bits = 4
 
     @classmethod
-    def pack_codes(cls, q: np.ndarray) -> np.ndarray:
-        return q[:, :16] | (q[:, 16:] << np.uint8(4))
+    def pack_codes(cls, q: np.ndarray, out: np.ndarray) -> None:
+        np.left_shift(q[:, 16:], np.uint8(4), out=out)
+        np.bitwise_or(out, q[:, :16], out=out)
 
 
 class Q5_1Block(_MinBlock):
@@ -98,10 +102,9 @@ class Q5_1Block(_MinBlock):
     bits = 5
 
     @classmethod
-    def pack_codes(cls, q: np.ndarray) -> np.ndarray:
-        qh = np.packbits((q >> np.uint8(4)) & np.uint8(1), axis=1, bitorder="little")  # [n, 4]: uint32 LE
-        qs = (q[:, :16] & np.uint8(0x0F)) | ((q[:, 16:] & np.uint8(0x0F)) << np.uint8(4))
-        return np.concatenate([qh, qs], axis=1)
+    def pack_codes(cls, q: np.ndarray, out: np.ndarray) -> None:
+        out[:, :4] = np.packbits((q >> np.uint8(4)) & np.uint8(1), axis=1, bitorder="little")  # [n, 4]: uint32 LE
+        out[:, 4:] = (q[:, :16] & np.uint8(0x0F)) | ((q[:, 16:] & np.uint8(0x0F)) << np.uint8(4))
 
 
 BLOCKS: dict[GGMLQuantizationType, type[_MinBlock]] = {b.qtype: b for b in (Q4_1Block, Q5_1Block)}
@@ -111,7 +114,7 @@ def pack_rows(codes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, qtyp
     """Rows of blocks: codes ``[rows, in]``, fp16 ``α``/``β`` ``[rows, in/32]`` -> uint8 ``[rows, bytes]``."""
     block = BLOCKS[qtype]
     rows, cols = codes.shape
-    q = codes.numpy().astype(np.uint8).reshape(-1, QK)
+    q = np.asarray(codes.numpy(), dtype=np.uint8).reshape(-1, QK)  # no copy for uint8 codes
     d = alpha.to(torch.float16).numpy().reshape(-1)
     m = beta.to(torch.float16).numpy().reshape(-1)
     return block.pack(q, d, m).reshape(rows, (cols // QK) * block.type_size())
