@@ -23,7 +23,7 @@ from .nf4 import nf4_roundtrip
 from .numerics import round_to
 from .quant import QuantizedWeight, fold_into_zero_points, quantize_minmax, row_chunks
 from .spec import MinMaxGrid, NF4Base
-from .tensor_io import all_finite
+from .tensor_io import all_finite, one_thread
 
 log = logging.getLogger(__name__)
 MERGE_TARGETS = MergeTarget.values()
@@ -122,10 +122,11 @@ def merged_weight(name: str, weight: torch.Tensor, ckpt: Checkpoint, plan: Merge
     m = adapter_matrix(module, torch.float64) * (module.scaling / module.lambda_in)
     out = torch.empty(base.shape, dtype=dtype)
     li = module.lambda_in
-    for r0, r1 in row_chunks(tuple(base.shape), 1):
-        rows = base[r0:r1].to(torch.float64, copy=True).view(r1 - r0, -1, li)
-        rows += m[torch.arange(r0, r1) // module.lambda_out][:, :, None]
-        out[r0:r1] = round_to(rows.view(r1 - r0, -1), dtype)
+    with one_thread():
+        for r0, r1 in row_chunks(tuple(base.shape), 1):
+            rows = base[r0:r1].to(torch.float64, copy=True).view(r1 - r0, -1, li)
+            rows += m[torch.arange(r0, r1) // module.lambda_out][:, :, None]
+            out[r0:r1] = round_to(rows.view(r1 - r0, -1), dtype)
     return out
 
 

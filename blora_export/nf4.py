@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from .spec import NF4Base
-from .tensor_io import all_finite
+from .tensor_io import all_finite, one_thread
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,11 @@ def nf4_roundtrip(weight: torch.Tensor, spec: NF4Base) -> torch.Tensor:
     double quantization, are whole-tensor), so the working set stays small.
     """
     _check_weight(weight)
+    with one_thread():
+        return _nf4_roundtrip_chunked(weight, spec)
+
+
+def _nf4_roundtrip_chunked(weight: torch.Tensor, spec: NF4Base) -> torch.Tensor:
     bs = spec.blocksize
     flat = weight.detach().to("cpu").reshape(-1)
     n = flat.numel()

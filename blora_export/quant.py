@@ -22,6 +22,7 @@ from .errors import BadInputError, UnsupportedError
 from .fold import fold_problems, foldable_hint
 from .numerics import round_to
 from .spec import MinMaxGrid
+from .tensor_io import one_thread
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,12 @@ class QuantizedWeight:
         """
         out = torch.empty(self.shape, dtype=torch.float32)
         a32, b32 = self.alpha.float(), self.beta.float()
-        for r0, r1 in row_chunks(self.shape, self.grid.block_out):
-            p0, p1 = r0 // self.grid.block_out, r1 // self.grid.block_out
-            blk = block_view(self.codes[r0:r1], self.grid).float()
-            blk.mul_(per_block(a32[p0:p1])).add_(per_block(b32[p0:p1]))
-            out[r0:r1] = blk.view(r1 - r0, -1)
+        with one_thread():
+            for r0, r1 in row_chunks(self.shape, self.grid.block_out):
+                p0, p1 = r0 // self.grid.block_out, r1 // self.grid.block_out
+                blk = block_view(self.codes[r0:r1], self.grid).float()
+                blk.mul_(per_block(a32[p0:p1])).add_(per_block(b32[p0:p1]))
+                out[r0:r1] = blk.view(r1 - r0, -1)
         return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -103,12 +105,13 @@ def quantize_minmax(weight: torch.Tensor, grid: MinMaxGrid, name: str = "weight"
     lo = torch.empty(out_f // bo, in_f // bi, dtype=torch.float32)
     hi = torch.empty_like(lo)
     scratch = _Scratch(weight.shape, bo)
-    for r0, r1 in row_chunks(tuple(weight.shape), bo):
-        p0, p1 = r0 // bo, r1 // bo
-        blk = block_view(scratch.take(0, weight[r0:r1]), grid)
-        torch.amin(blk, dim=(1, 3), out=lo[p0:p1])
-        torch.amax(blk, dim=(1, 3), out=hi[p0:p1])
-        _codes_into(codes[r0:r1], blk, lo[p0:p1], hi[p0:p1], grid, scratch)
+    with one_thread():
+        for r0, r1 in row_chunks(tuple(weight.shape), bo):
+            p0, p1 = r0 // bo, r1 // bo
+            blk = block_view(scratch.take(0, weight[r0:r1]), grid)
+            torch.amin(blk, dim=(1, 3), out=lo[p0:p1])
+            torch.amax(blk, dim=(1, 3), out=hi[p0:p1])
+            _codes_into(codes[r0:r1], blk, lo[p0:p1], hi[p0:p1], grid, scratch)
     # amin/amax propagate NaN, and an infinity makes a block's min or max infinite: checking
     # the per-block extremes checks every element.
     if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,26 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     if entry.dtype == torch.bool:
         return buf.view(torch.bool).reshape(entry.shape)
     return buf.view(entry.dtype).reshape(entry.shape)
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one intra-op thread inside (restored after).
+
+    For loops of many small (cache-sized) tensor operations: each op split over threads pays a
+    barrier, and when the machine has other work those barriers wait on descheduled threads.
+    Measured on one 1.1B decoder layer (to-gguf q4_1 fold, 2 cores under load): 2 threads
+    21-36 s wall and 5-9 s CPU, 1 thread 2.8 s wall and 0.5 s CPU.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def all_finite(x: torch.Tensor) -> bool:
