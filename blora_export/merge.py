@@ -142,7 +142,8 @@ def merged_tensors(base: BaseModel, ckpt: Checkpoint, plan: MergePlan, dtype: to
         if ckpt.module_for_weight(name) is not None:
             merged = merged_weight(name, weight, ckpt, plan, dtype)
         elif weight.is_floating_point():
-            merged = trained_base_weight(name, weight, plan).to(dtype)
+            with one_thread():
+                merged = trained_base_weight(name, weight, plan).to(dtype)
         else:
             yield name, weight
             continue

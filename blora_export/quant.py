@@ -22,7 +22,7 @@ from .errors import BadInputError, UnsupportedError
 from .fold import fold_problems, foldable_hint
 from .numerics import round_to
 from .spec import MinMaxGrid
-from .tensor_io import one_thread
+from .tensor_io import all_finite, one_thread
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class QuantizedWeight:
         return out if dtype == torch.float32 else out.to(dtype)
 
 
-CHUNK_ELEMENTS = 1 << 17  # elements per pass: the working set of one chunk stays in cache
+CHUNK_ELEMENTS = 1 << 18  # elements per pass: the working set of one chunk stays in cache
 
 
 def row_chunks(shape: tuple[int, ...], multiple: int = 1, elements: int = CHUNK_ELEMENTS):
@@ -114,10 +114,10 @@ def quantize_minmax(weight: torch.Tensor, grid: MinMaxGrid, name: str = "weight"
             _codes_into(codes[r0:r1], blk, lo[p0:p1], hi[p0:p1], grid, scratch)
     # amin/amax propagate NaN, and an infinity makes a block's min or max infinite: checking
     # the per-block extremes checks every element.
-    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+    if not (all_finite(lo) and all_finite(hi)):
         raise BadInputError(f"{name}: contains NaN or infinite values")
     alpha, beta = _alpha_beta(lo, hi, grid)
-    if not (torch.isfinite(alpha).all() and torch.isfinite(beta).all()):
+    if not (all_finite(alpha) and all_finite(beta)):
         raise UnsupportedError(f"{name}: block range overflows {grid.param_dtype}; use param_dtype float32")
     return QuantizedWeight(codes=codes, alpha=alpha, beta=beta, grid=grid)
 
@@ -216,6 +216,11 @@ def to_row_blocks(qw: QuantizedWeight, t: int) -> tuple[torch.Tensor, torch.Tens
     if grid.block_in % t:
         raise UnsupportedError(f"runtime block {t} does not divide the grid's block_in {grid.block_in}")
     per = grid.block_in // t
-    alpha = torch.repeat_interleave(torch.repeat_interleave(qw.alpha, grid.block_out, 0), per, 1)
-    beta = torch.repeat_interleave(torch.repeat_interleave(qw.beta, grid.block_out, 0), per, 1)
-    return alpha, beta
+    return _repeat2(qw.alpha, grid.block_out, per), _repeat2(qw.beta, grid.block_out, per)
+
+
+def _repeat2(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``repeat_interleave`` over rows then columns (no copy when both are 1)."""
+    if rows > 1:
+        x = torch.repeat_interleave(x, rows, 0)
+    return torch.repeat_interleave(x, cols, 1) if cols > 1 else x

@@ -29,6 +29,7 @@ from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio
 from blora_export.ptq import PtqError
 from blora_export.quant import expand_blocks, quantize_minmax, to_row_blocks, trained_beta
 from blora_export.spec import MinMaxGrid
+from blora_export.tensor_io import one_thread
 
 from .onnx_graph import LINEAR_GROUPS, ONNX_DTYPES, FloatLinear, Int4Linear, LinearGroup
 
@@ -125,7 +126,8 @@ class Int4Weights:
         return qw.codes, alpha.float(), beta + ZERO_POINT * alpha
 
     def linear(self, layer: int, group: LinearGroup) -> Int4Linear:
-        parts = [self.codes_scales_offsets(n) for n in member_names(layer, group)]
+        with one_thread():
+            parts = [self.codes_scales_offsets(n) for n in member_names(layer, group)]
         codes = torch.cat([p[0] for p in parts])
         scales = torch.cat([p[1] for p in parts]).float()
         offsets = torch.cat([p[2] for p in parts]).to(torch.float32)

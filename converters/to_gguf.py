@@ -35,6 +35,7 @@ from blora_export.hf_folder import provenance
 from blora_export.io import atomic_file
 from blora_export.job import Artifact, ExportJob, ExportResult
 from blora_export.ptq import PtqError
+from blora_export.tensor_io import one_thread
 
 from .gguf_model import (
     ArchSpec,
@@ -111,7 +112,10 @@ def _write_gguf(out: Path, arch: ArchSpec, write_kv: Callable[[GGUFWriter], None
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for spec in progress(specs, desc="gguf", total=len(specs), unit="tensor"):
-                writer.write_tensor_data(np.ascontiguousarray(encode(spec)))
+                with one_thread():  # many small tensor ops per tensor: see tensor_io.one_thread
+                    data = np.ascontiguousarray(encode(spec))
+                writer.write_tensor_data(data)
+                del data
         finally:
             writer.close()
 

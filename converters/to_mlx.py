@@ -44,6 +44,7 @@ from blora_export.quant import (
 )
 from blora_export.reference import DEFAULT_PROMPTS, load_hf_model, model_logits, tokenize_prompts
 from blora_export.spec import MinMaxGrid
+from blora_export.tensor_io import one_thread
 from blora_export.tolerance import UNIT_ROUNDOFF, Tolerance, tolerance_for_dtype
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,8 @@ def mlx_tensors(job: ExportJob, mplan: MlxPlan, ptq: PtqError) -> Iterator[tuple
     for name in job.base.names():
         weight = job.base.tensor(name)
         if is_quantized_linear(name):
-            qw = expected_weight(job, name, weight, mplan)
+            with one_thread():
+                qw = expected_weight(job, name, weight, mplan)
             if mplan.route == "requantize":
                 ptq.add(qw.dequantize(), exact_merged_weight(name, weight, job.ckpt, job.plan), name)
             scales, biases = row_params(qw, mplan)
