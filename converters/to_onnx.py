@@ -3,7 +3,7 @@
 Route: the graph is written directly with ``onnx.helper`` (:mod:`converters.onnx_graph`),
 weights come from :mod:`converters.onnx_weights`. IR version 10, opset 21 plus
 ``com.microsoft`` (MatMulNBits). ``OUT_DIR`` holds ``model.onnx`` (+ ``model.onnx.data`` above
-2 GB), ``genai_config.json``, the tokenizer files and ``blora_export.json``.
+256 MB of weights), ``genai_config.json``, the tokenizer files and ``blora_export.json``.
 
 Precisions (activations and KV cache are float32 in all three, which every CPU build runs):
 
@@ -44,7 +44,10 @@ DESCRIPTION = "ONNX decoder with KV cache for onnxruntime / onnxruntime-genai (f
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
-INLINE_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, less room for the graph itself
+# Below this the initializers go inline (one self-contained model.onnx). Above it they stay in
+# model.onnx.data: inlining means holding them all in the ModelProto and again in its serialized
+# bytes (a 1.1B int4 export peaked at 5.3 GB that way; protobuf's own limit is 2 GB).
+INLINE_LIMIT = 256 * 1024**2
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int4": None}
 BLOCK_SIZES = (16, 32, 64, 128)
 DEFAULT_BLOCKS = (32, 16)  # a block that folds 64 or 128 also folds 32; 16 serves λi = 16
