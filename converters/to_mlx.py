@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from blora_export.base import read_json
 from blora_export.delta import delta_weight
 from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.io import atomic_dir
@@ -281,19 +282,30 @@ class _Files:
     def __init__(self, path: Path):
         self.files = {}
         for file in sorted(path.glob("model*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
-                self.files.update({k: file for k in f.keys()})
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    self.files.update({k: file for k in f.keys()})
+            except Exception as exc:  # safetensors' own error types
+                raise BadInputError(f"{file} is truncated or not a safetensors file ({exc})") from None
 
     def get(self, name: str) -> Optional[torch.Tensor]:
         if name not in self.files:
             return None
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        try:
+            with safe_open(str(self.files[name]), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as exc:
+            raise BadInputError(f"cannot read {name} from {self.files[name]}: truncated file? ({exc})") from None
 
 
 def artifact_plan(path: Path, job: ExportJob) -> MlxPlan:
     """Read bits, group size and scale dtype from the folder; the route follows from the checkpoint."""
-    quant = json.loads((Path(path) / "config.json").read_text())["quantization"]
+    quant = read_json(Path(path) / "config.json")["quantization"]
+    bad = [f"{key} {quant.get(key)!r}" for key in ("bits", "group_size")
+           if not isinstance(quant.get(key), int) or isinstance(quant.get(key), bool)]
+    if bad:
+        raise BadInputError(f"{Path(path) / 'config.json'}: quantization has {', '.join(bad)}; bits and group_size "
+                            "must be whole numbers (MLX affine: bits 2-8, group_size 32, 64 or 128)")
     files = _Files(Path(path))
     first = next((n for n in job.base.linear_names() if files.get(n[: -len(".weight")] + ".scales") is not None), None)
     if first is None:

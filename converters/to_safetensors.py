@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from blora_export.base import BaseModel, index_shards
+from blora_export.base import BaseModel, index_shards, read_json
 from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.io import atomic_dir
 from blora_export.merge import DTYPES, exact_merged_weight, merged_tensors
@@ -118,7 +118,7 @@ def detect(path: Path) -> bool:
         return False
     if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
         return False
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json")  # a damaged one is a one-line bad-input error
     return "quantization" not in config and "quantization_config" not in config
 
 
