@@ -6,13 +6,13 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from converters.base import ExportJob, ExportResult
-
 from .base import BaseModel, read_json
 from .checkpoint import ADAPTER_CONFIG, Checkpoint, load_checkpoint, resolve_base_path
+from .enums import Format
 from .errors import BadInputError
 from .io import check_output as guard_output
 from .io import progress_factory
+from .job import ExportJob, ExportResult
 from .merge import resolve_merge_plan
 from .reference import DEFAULT_PROMPTS, Prompt
 from .verify import VerifyReport, run_verify
@@ -30,7 +30,7 @@ def open_job(ckpt: str | Path, base: str | Path | None = None, merge_into: Optio
     return ExportJob(ckpt=checkpoint, base=base_model, plan=plan, progress=progress_factory(quiet))
 
 
-FILE_FORMATS = ("gguf",)  # formats whose output is one file; the others write a folder
+FILE_FORMATS = (Format.GGUF,)  # formats whose output is one file; the others write a folder
 
 
 def source_paths(ckpt: str | Path, base: str | Path | None = None) -> list[Path]:

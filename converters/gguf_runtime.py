@@ -11,7 +11,7 @@ Runtimes:
 
 Bounds (``max |Δlogit| / max |logit|``):
 
-* exact dequantization of float weights: the storage dtype's bound (:mod:`converters.tolerances`);
+* exact dequantization of float weights: the storage dtype's bound (:mod:`blora_export.tolerance`);
 * the Q4_1/Q5_1 fold: the file differs from ``trained_base + ΔW`` only by the fp16 rounding of each
   block's ``β'`` (and the f16 embeddings). That rounding is coherent over a block's 32 weights, so
   its cost is not the float16 bound's (measured 3e-3 .. 7.3e-3 relative on the test models, up to
@@ -39,6 +39,7 @@ import torch
 from gguf import GGUFReader
 
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.job import Artifact, ExportJob
 from blora_export.numerics import LogitStats, logit_stats
 from blora_export.quant import fold_into_zero_points, quantize_minmax
 from blora_export.reference import (
@@ -49,11 +50,10 @@ from blora_export.reference import (
     reference_logits,
     tokenize_prompts,
 )
+from blora_export.tolerance import Tolerance, tolerance_for_dtype
 
-from .base import Artifact, ExportJob, Tolerance
 from .gguf_checks import layer_checks, lora_pairs
 from .gguf_quants import GGUF_TYPES, TYPE_BY_QTYPE
-from .tolerances import tolerance_for_dtype
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("gguf-py", "llama.cpp")

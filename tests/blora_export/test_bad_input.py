@@ -528,7 +528,7 @@ def test_corpus_size():
 def _fill_safetensors(monkeypatch) -> None:
     from safetensors import SafetensorError
 
-    import converters.to_safetensors as mod
+    import blora_export.hf_folder as mod
 
     def save_file(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 1000)

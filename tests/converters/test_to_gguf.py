@@ -39,7 +39,7 @@ LLAMA_F32_BOUND = 3e-3
 
 
 def hf_to_llama(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """FORMATS.md's permutation, written out independently of the converter."""
+    """docs/FORMATS.md's permutation, written out independently of the converter."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
