@@ -522,19 +522,19 @@ def test_corpus_size():
 
 # ------------------------------------------------------------------ disk full (in-process)
 # Each writer fails as its library does on a full disk (both seen on a 64 KiB tmpfs): safetensors raises
-# SafetensorError "... No space left on device (os error 28)", gguf-py's numpy tofile an OSError
+# OSError ENOSPC (the streamed shard writer), gguf-py's numpy tofile an OSError
 # "N requested and M written". The part written so far is left in the temporary file.
 
 def _fill_safetensors(monkeypatch) -> None:
-    from safetensors import SafetensorError
+    import errno
 
-    import blora_export.hf_folder as mod
+    from blora_export.tensor_io import SafetensorsStream
 
-    def save_file(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 1000)
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    def add(self, name, tensor):  # shards are streamed tensor by tensor: the disk fills mid-shard
+        self._data.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mod, "save_file", save_file)
+    monkeypatch.setattr(SafetensorsStream, "add", add)
 
 
 def _fill_gguf(monkeypatch) -> None:
