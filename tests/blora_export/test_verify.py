@@ -72,15 +72,15 @@ def test_report_json_roundtrips(samples):
     assert data["merge"].startswith("merged into the original")
 
 
-def test_tolerance_widens_to_three_times_a_measured_floor():
+def test_tolerance_widens_to_floor_factor_times_a_measured_floor():
     import torch
 
-    from converters.tolerances import tolerance_for_dtype, widen_to_floor
+    from converters.tolerances import FLOOR_FACTOR, tolerance_for_dtype, widen_to_floor
 
     table = tolerance_for_dtype(torch.float16)
     assert widen_to_floor(table, table.max_rel / 10, torch.float16) is table
     wide = widen_to_floor(table, table.max_rel, torch.float16)
-    assert wide.max_rel == 3 * table.max_rel and "floor" in wide.basis
+    assert wide.max_rel == FLOOR_FACTOR * table.max_rel and "floor" in wide.basis
 
 
 def test_report_states_the_rounding_floor(samples):
