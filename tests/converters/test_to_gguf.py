@@ -32,7 +32,8 @@ from blora_export.quant import fold_into_zero_points, quantize_minmax
 from blora_export.reference import DEFAULT_PROMPTS, reference_logits, tokenize_prompts
 from blora_export.spec import MinMaxGrid
 from converters import gguf_model, gguf_runtime, gguf_tokenizer, to_gguf
-from converters.gguf_runtime import FLOOR_FACTOR, gguf_py_model_logits, llama_cpp_logits
+from converters.gguf_runtime import gguf_py_model_logits, llama_cpp_logits
+from converters.tolerances import FLOOR_FACTOR
 
 F16_BOUND = 16 * 2.0**-11
 LLAMA_F32_BOUND = 3e-3
