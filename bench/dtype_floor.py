@@ -1,6 +1,6 @@
 """Measure the logit noise floor of rounding every weight to float16 / bfloat16.
 
-This is the basis of the end-to-end bounds in converters/tolerances.py: a correct 16-bit
+This is the basis of the end-to-end bounds in blora_export/tolerance.py: a correct 16-bit
 merge (each weight within half an ulp) moves the logits by about what rounding the base
 alone does. Prints max |Δlogit| / max |logit| in units of the dtype's unit roundoff.
 

@@ -6,12 +6,11 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from converters.base import ExportJob, ExportResult
-
 from .base import BaseModel
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import BadInputError
 from .io import progress_factory
+from .job import ExportJob, ExportResult
 from .merge import resolve_merge_plan
 from .reference import DEFAULT_PROMPTS
 from .verify import VerifyReport, run_verify

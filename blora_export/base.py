@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -23,16 +23,83 @@ DECODER_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)
 
 
 @dataclass
-class BaseModel:
-    """A Hugging Face model folder whose tensors are opened lazily (``safe_open``).
+class TensorFolder:
+    """The one safetensors reader: a folder's tensors (``model.safetensors``, a sharded index,
+    or any ``model*.safetensors``), opened lazily with ``safe_open``.
 
-    ``tensor(name)`` reads one tensor; nothing keeps the whole model in memory.
+    ``tensor(name)`` reads one tensor; nothing keeps the whole model in memory. Never unpickles.
     """
 
     path: Path
-    config: dict
     shards: dict[str, Path]  # tensor name -> file
     _handles: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TensorFolder":
+        return cls(path=Path(path), shards=index_shards(Path(path)))
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        """The tensor as stored (non-finite values allowed), or ``None`` when there is none of that name."""
+        return self.tensor(name, finite=False) if name in self.shards else None
+
+    def names(self) -> list[str]:
+        return list(self.shards)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shards
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types
+                raise BadInputError(f"{file} is truncated or not a safetensors file ({exc})") from None
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        try:
+            return tuple(self._handle(self._file(name)).get_slice(name).get_shape())
+        except BadInputError:
+            raise
+        except Exception as exc:
+            raise BadInputError(f"cannot read {name} from {self._file(name)} ({exc})") from None
+
+    def tensor(self, name: str, finite: bool = True) -> torch.Tensor:
+        """One tensor, read from disk now; non-finite values are bad input (unless ``finite=False``:
+        an artifact under verification may hold them, and then fails its checks)."""
+        try:
+            value = self._handle(self._file(name)).get_tensor(name)
+        except BadInputError:
+            raise
+        except Exception as exc:
+            raise BadInputError(f"cannot read {name} from {self._file(name)}: truncated file? ({exc})") from None
+        if finite and value.is_floating_point() and not torch.isfinite(value).all():
+            raise BadInputError(f"tensor {name} in {self._file(name)} contains NaN or infinite values")
+        return value
+
+    def _file(self, name: str) -> Path:
+        if name not in self.shards:
+            raise BadInputError(f"{self.path} has no tensor {name!r}")
+        return self.shards[name]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor in file order, one at a time."""
+        for name in self.names():
+            yield name, self.tensor(name)
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        sl = self._handle(self._file(name)).get_slice(name)
+        return _SAFE_DTYPES.get(sl.get_dtype(), torch.float32)
+
+
+_SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+@dataclass
+class BaseModel(TensorFolder):
+    """A Hugging Face model folder: ``config.json`` plus its tensors (a :class:`TensorFolder`)."""
+
+    config: dict = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: str | Path) -> "BaseModel":
@@ -82,60 +149,12 @@ class BaseModel:
     def model_type(self) -> str:
         return self.config["model_type"]
 
-    def names(self) -> list[str]:
-        return list(self.shards)
-
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
-                raise BadInputError(f"{file} is truncated or not a safetensors file ({exc})") from None
-        return self._handles[file]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        try:
-            return tuple(self._handle(self._file(name)).get_slice(name).get_shape())
-        except BadInputError:
-            raise
-        except Exception as exc:
-            raise BadInputError(f"cannot read {name} from {self._file(name)} ({exc})") from None
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor, read from disk now; non-finite values are bad input."""
-        try:
-            value = self._handle(self._file(name)).get_tensor(name)
-        except BadInputError:
-            raise
-        except Exception as exc:
-            raise BadInputError(f"cannot read {name} from {self._file(name)}: truncated file? ({exc})") from None
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise BadInputError(f"base tensor {name} in {self._file(name)} contains NaN or infinite values")
-        return value
-
-    def _file(self, name: str) -> Path:
-        if name not in self.shards:
-            raise BadInputError(f"base model {self.path} has no tensor {name!r}")
-        return self.shards[name]
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor in file order, one at a time."""
-        for name in self.names():
-            yield name, self.tensor(name)
-
     def linear_names(self) -> list[str]:
         """Weights of the decoder's Linear layers (what a quantized base quantizes)."""
         return [n for n in self.names() if DECODER_LINEAR.match(n)]
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
-
-    def tensor_dtype(self, name: str) -> torch.dtype:
-        sl = self._handle(self._file(name)).get_slice(name)
-        return _SAFE_DTYPES.get(sl.get_dtype(), torch.float32)
-
-
-_SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def rope_parameters(config: dict) -> dict:

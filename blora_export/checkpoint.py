@@ -2,7 +2,7 @@
 
 Both are a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``);
 the native format adds ``blora_config.json``. The paper's layout saves no λ: it is
-inferred per module from the base model's shapes (MATH.md, "Inferring λ").
+inferred per module from the base model's shapes (docs/MATH.md, "Inferring λ").
 Every problem found is reported at once, in one error.
 """
 from __future__ import annotations
@@ -121,7 +121,7 @@ def load_checkpoint(path: str | Path, base: BaseModel | str | Path | None = None
 
 
 def _check_folded(ckpt_dir: Path, blora: BloraConfig) -> None:
-    from .quant import fold_problems
+    from .fold import fold_problems
 
     problems = fold_problems(blora.base_quant, blora.lambda_in, blora.lambda_out)
     if problems:

@@ -1,4 +1,4 @@
-"""The adapter math of Q-BLoRA and QA-BLoRA, as pure functions (see MATH.md).
+"""The adapter math of Q-BLoRA and QA-BLoRA, as pure functions (see docs/MATH.md).
 
 Layout is PyTorch's: a weight is ``[out, in]`` and ``y = x @ W.T``.
 

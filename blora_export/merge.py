@@ -17,14 +17,15 @@ import torch
 from .base import DECODER_LINEAR, BaseModel
 from .checkpoint import Checkpoint
 from .delta import delta_weight
+from .enums import MergeTarget
 from .errors import BadInputError, UnsupportedError
-from .nf4 import NF4Spec, nf4_roundtrip
+from .nf4 import nf4_roundtrip
 from .numerics import round_to
 from .quant import QuantizedWeight, fold_into_zero_points, quantize_minmax
 from .spec import MinMaxGrid, NF4Base
 
 log = logging.getLogger(__name__)
-MERGE_TARGETS = ("original", "dequantized")
+MERGE_TARGETS = MergeTarget.values()
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -78,7 +79,7 @@ def trained_base_weight(name: str, weight: torch.Tensor, plan: MergePlan) -> tor
     quant = plan.base_quant
     if isinstance(quant, NF4Base):
         try:
-            return nf4_roundtrip(weight, NF4Spec(quant.blocksize, quant.double_quant)).to(torch.float32)
+            return nf4_roundtrip(weight, quant).to(torch.float32)
         except ValueError as exc:
             raise BadInputError(f"{name}: {exc}") from None
     if isinstance(quant, MinMaxGrid):

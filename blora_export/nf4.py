@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .spec import NF4Base
+
 logger = logging.getLogger(__name__)
 
 #: bitsandbytes' NF4 codebook (``get_4bit_type("nf4")``), float32 values, sorted.
@@ -58,18 +60,6 @@ _LUT_STEPS = 65535  # kLUTSize - 1 of bnb's CPU 8-bit quantizer
 
 
 @dataclass(frozen=True)
-class NF4Spec:
-    """How a weight was NF4-quantized: block size and double quantization of absmax."""
-
-    blocksize: int = 64
-    double_quant: bool = True
-
-    def __post_init__(self) -> None:
-        if self.blocksize not in VALID_BLOCKSIZES:
-            raise ValueError(f"NF4 blocksize must be one of {VALID_BLOCKSIZES}, got {self.blocksize}")
-
-
-@dataclass(frozen=True)
 class NF4Weight:
     """A quantized weight: one uint8 code (0..15) per element, unpacked, in ``shape``.
 
@@ -82,7 +72,7 @@ class NF4Weight:
     absmax: torch.Tensor
     shape: torch.Size
     dtype: torch.dtype
-    spec: NF4Spec
+    spec: NF4Base
 
 
 def nf4_codebook() -> torch.Tensor:
@@ -146,7 +136,7 @@ def _double_quant_roundtrip(absmax: torch.Tensor) -> torch.Tensor:
     return (code[q] * am2.view(-1, 1)).reshape(-1)[: absmax.numel()] + offset
 
 
-def nf4_quantize(weight: torch.Tensor, spec: NF4Spec) -> NF4Weight:
+def nf4_quantize(weight: torch.Tensor, spec: NF4Base) -> NF4Weight:
     """Quantize ``weight`` exactly as bnb ``quantize_4bit(..., quant_type="nf4")`` on CPU."""
     _check_weight(weight)
     bs = spec.blocksize
@@ -185,6 +175,6 @@ def nf4_dequantize(q: NF4Weight) -> torch.Tensor:
     return (vals * scale).to(q.dtype).reshape(q.shape)
 
 
-def nf4_roundtrip(weight: torch.Tensor, spec: NF4Spec) -> torch.Tensor:
+def nf4_roundtrip(weight: torch.Tensor, spec: NF4Base) -> torch.Tensor:
     """``dequant(NF4(weight))``: the weights Q-BLoRA trained against (on weight's device)."""
     return nf4_dequantize(nf4_quantize(weight, spec)).to(weight.device)

@@ -18,6 +18,7 @@ import torch
 
 from .delta import AdapterModule, adapter_matrix
 from .errors import BadInputError, UnsupportedError
+from .fold import fold_problems, foldable_hint
 from .numerics import round_to
 from .spec import MinMaxGrid
 
@@ -90,19 +91,6 @@ def quantize_minmax(weight: torch.Tensor, grid: MinMaxGrid, name: str = "weight"
     return QuantizedWeight(codes=q.to(torch.uint8), alpha=alpha, beta=beta, grid=grid)
 
 
-def fold_problems(grid: MinMaxGrid, lambda_in: int, lambda_out: int) -> list[str]:
-    """Why a QA-BLoRA update with these λ cannot fold exactly into ``grid`` (empty if it can).
-
-    Exact iff every block lies inside one λ cell: ``block_in | λi`` and ``block_out | λo``.
-    """
-    problems = []
-    if lambda_in % grid.block_in:
-        problems.append(f"block_in {grid.block_in} does not divide lambda_in {lambda_in}")
-    if lambda_out % grid.block_out:
-        problems.append(f"block_out {grid.block_out} does not divide lambda_out {lambda_out}")
-    return problems
-
-
 def fold_into_zero_points(qw: QuantizedWeight, module: AdapterModule) -> QuantizedWeight:
     """Fold a QA-BLoRA update into the block offsets: ``β' = β + s·H[o//λo, i//λi]/λi``.
 
@@ -147,31 +135,6 @@ def block_shift(module: AdapterModule, grid: MinMaxGrid) -> torch.Tensor:
     rows = torch.arange(0, module.out_features, grid.block_out) // module.lambda_out
     cols = torch.arange(0, module.in_features, grid.block_in) // module.lambda_in
     return cell[rows][:, cols]
-
-
-def foldable_hint(lambda_in: int, lambda_out: int) -> str:
-    """Name the grids and runtime block sizes that would fold these λ exactly."""
-    runtime = [t for t in (16, 32, 64, 128) if lambda_in % t == 0]
-    grids = f"grids with block_in dividing {lambda_in} and block_out dividing {lambda_out}"
-    if runtime:
-        return f"exact folds exist for {grids} (runtime 1-D blocks of {', '.join(map(str, runtime))})"
-    return (f"exact folds exist for {grids}, but no runtime block (16/32/64/128) divides "
-            f"lambda_in={lambda_in}: export 16-bit, re-quantize with --requantize, or train with "
-            f"lambda_in a multiple of 32 (e.g. --target gguf-q4_1)")
-
-
-def runtime_fold_problems(grid: MinMaxGrid, lambda_in: int, lambda_out: int, t: int) -> list[str]:
-    """Why a runtime storing 1-D blocks of ``t`` inputs cannot take this checkpoint's own codes.
-
-    Exact iff ``t | block_in`` (a grid block splits into runs of ``t`` sharing α, β) and
-    ``t | λi`` (the folded shift is constant on each run), plus the grid's own fold condition.
-    """
-    problems = fold_problems(grid, lambda_in, lambda_out)
-    if grid.block_in % t:
-        problems.append(f"runtime block {t} does not divide the grid's block_in {grid.block_in}")
-    if lambda_in % t:
-        problems.append(f"runtime block {t} does not divide lambda_in {lambda_in}")
-    return problems
 
 
 def to_row_blocks(qw: QuantizedWeight, t: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,10 +10,11 @@ from typing import Union
 
 import torch
 
+from .enums import Forward, Method
 from .errors import BadInputError
 
-METHODS = ("q-blora", "qa-blora")
-FORWARDS = ("branch", "folded")
+METHODS = Method.values()
+FORWARDS = Forward.values()
 PARAM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FORMAT_VERSION = 1
 
@@ -119,7 +120,7 @@ class BloraConfig:
     base_quant: BaseQuant = None
     format_version: int = FORMAT_VERSION
     # "branch": trained as base + adapter branch (exact β + s·H/λi); "folded": QA-BLoRA trained
-    # fold-aware, its forward was α·q + param_dtype(β + s·H/λi) (see MATH.md, the fold).
+    # fold-aware, its forward was α·q + param_dtype(β + s·H/λi) (see docs/MATH.md, the fold).
     forward: str = "branch"
 
     def to_json(self) -> dict:

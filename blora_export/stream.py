@@ -46,7 +46,12 @@ class PartCache:
         return self._values[key]
 
     def clear(self) -> None:
+        """Forget this part's tensors, and close the base's files: their memory-mapped pages would
+        otherwise stay resident (and counted) until the whole model had been paged in."""
         self._values.clear()
+        handles = getattr(self.base, "_handles", None)
+        if isinstance(handles, dict):
+            handles.clear()
 
 
 WeightFn = Callable[[str, PartCache], torch.Tensor]

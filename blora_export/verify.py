@@ -13,14 +13,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from converters.base import Artifact, ExportJob, LayerCheck, Tolerance
-from converters.tolerances import SENSITIVITY_FACTOR, tolerance_for_dtype, widen_to_floor
-
 from .delta import AdapterModule, adapter_forward, delta_weight
+from .job import Artifact, ExportJob, LayerCheck
 from .merge import DTYPES, exact_merged_weight, trained_base_weight
 from .numerics import HALF_ULP_LIMIT, LogitStats, half_ulp_ratio, logit_stats, round_to
 from .reference import DEFAULT_PROMPTS, rounded_stream, tokenize_prompts, trained_base_fn, trained_stream
 from .stream import PartCache, Stream, StreamedForward
+from .tolerance import SENSITIVITY_FACTOR, Tolerance, tolerance_for_dtype, widen_to_floor
 
 log = logging.getLogger(__name__)
 BRANCH_REL_BOUND = 1e-12  # float64: pool/matmul/repeat vs dense ΔW differ only by float64 rounding

@@ -1,4 +1,4 @@
-"""Output formats, one module each, behind the interface in :mod:`converters.base`.
+"""Output formats, one module each, behind the interface in :mod:`blora_export.job`.
 
 The table maps a format name to its module; modules are imported only when used, so a
 missing optional runtime (mlx, llama-cpp-python) never breaks the others.
@@ -9,17 +9,18 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
+from blora_export.enums import Format
 from blora_export.errors import BadInputError, UnsupportedError
 
-FORMATS: dict[str, str] = {
-    "safetensors": "converters.to_safetensors",
-    "gguf": "converters.to_gguf",
-    "onnx": "converters.to_onnx",
-    "mlx": "converters.to_mlx",
-    "peft": "converters.to_peft",
+FORMATS: dict[Format, str] = {
+    Format.SAFETENSORS: "converters.to_safetensors",
+    Format.GGUF: "converters.to_gguf",
+    Format.ONNX: "converters.to_onnx",
+    Format.MLX: "converters.to_mlx",
+    Format.PEFT: "converters.to_peft",
 }
 # Order in which `verify` asks each format whether it recognises an artifact path.
-DETECT_ORDER = ("gguf", "onnx", "mlx", "peft", "safetensors")
+DETECT_ORDER = (Format.GGUF, Format.ONNX, Format.MLX, Format.PEFT, Format.SAFETENSORS)
 
 
 def converter(name: str) -> ModuleType:

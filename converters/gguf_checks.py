@@ -22,11 +22,11 @@ from gguf import GGUFReader
 
 from blora_export.delta import AdapterModule, delta_weight
 from blora_export.errors import BadInputError
+from blora_export.job import ExportJob, LayerCheck
 from blora_export.merge import exact_merged_weight
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio
 from blora_export.quant import block_shift, fold_into_zero_points, quantize_minmax, to_row_blocks
 
-from .base import ExportJob, LayerCheck
 from .gguf_model import ArchSpec, HParams, arch_spec, permutation, permute_heads
 from .gguf_quants import BLOCKS, QK, TYPE_BY_QTYPE, dequantize, pack_rows, quantize
 

@@ -3,7 +3,7 @@
 Tensor names come from gguf-py's ``TensorNameMap``. llama.cpp's ``llama`` architecture (which
 also runs Mistral v0.x) rotates adjacent pairs where Hugging Face rotates halves, so the rows of
 ``q_proj`` / ``k_proj`` (and their codes, α and β, or LoRA B) are permuted
-(FORMATS.md); ``qwen2`` needs no permutation but its q/k/v biases.
+(docs/FORMATS.md); ``qwen2`` needs no permutation but its q/k/v biases.
 
 How each decoder Linear is stored (:func:`choose_encoding`):
 
@@ -24,18 +24,14 @@ from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter
 
 from blora_export.base import DECODER_LINEAR, rope_parameters
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.fold import fold_obstacles, fold_refusal, gguf_grid
+from blora_export.job import ExportJob
 from blora_export.merge import exact_merged_weight, trained_base_weight
-from blora_export.quant import (
-    fold_into_zero_points,
-    foldable_hint,
-    quantize_minmax,
-    runtime_fold_problems,
-    to_row_blocks,
-)
+from blora_export.ptq import PtqError
+from blora_export.quant import fold_into_zero_points, quantize_minmax, to_row_blocks
 from blora_export.spec import MinMaxGrid
 
-from .base import ExportJob
-from .gguf_quants import GGUF_TYPES, MIN_TYPE_FOR_BITS, QK, ErrorStats, GGUFType, dequantize, pack_rows, quantize
+from .gguf_quants import GGUF_TYPES, MIN_TYPE_FOR_BITS, QK, GGUFType, dequantize, pack_rows, quantize
 
 
 @dataclass(frozen=True)
@@ -131,7 +127,7 @@ def write_hparams(writer: GGUFWriter, hp: HParams, config: dict, vocab_rows: int
 
 
 def permutation(rows: int, n_head: int) -> torch.Tensor:
-    """Row order llama.cpp wants: ``W.reshape(n, 2, rows//n//2, ...).swapaxes(1, 2)`` (FORMATS.md)."""
+    """Row order llama.cpp wants: ``W.reshape(n, 2, rows//n//2, ...).swapaxes(1, 2)`` (docs/FORMATS.md)."""
     return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
@@ -211,25 +207,10 @@ def default_type(job: ExportJob) -> GGUFType:
 
 def fold_problems(job: ExportJob, gtype: GGUFType, base_only: bool) -> list[str]:
     """Why the checkpoint's own codes cannot be written as ``gtype`` (empty: they can)."""
-    grid, plan = job.ckpt.base_quant, job.plan
     if not gtype.has_min:
         return [f"{gtype.name} has no block offset m to fold into"]
-    if not isinstance(grid, MinMaxGrid):
-        return ["the checkpoint names no min-max base grid (blora_config.json base_quant)"]
-    if plan.merge_into != "dequantized":
-        return ["--merge-into original asks for the unquantized base weights"]
-    problems = []
-    if grid.bits != gtype.bits:
-        problems.append(f"the grid has {grid.bits}-bit codes, {gtype.name} stores {gtype.bits}-bit codes")
-    if grid.param_dtype != "float16":
-        problems.append(f"the grid stores α/β as {grid.param_dtype}, {gtype.name} as fp16")
-    if not base_only and job.ckpt.method != "qa-blora":
-        problems.append("only QA-BLoRA updates fold into block offsets (Q-BLoRA merges)")
-    modules = [] if base_only else job.ckpt.modules.values()
-    found = {p for m in modules for p in runtime_fold_problems(grid, m.lambda_in, m.lambda_out, QK)}
-    if base_only and grid.block_in % QK:
-        found.add(f"runtime block {QK} does not divide the grid's block_in {grid.block_in}")
-    return problems + sorted(found)
+    return fold_obstacles(job.ckpt.method, job.ckpt.base_quant, job.plan.merge_into, job.ckpt.lambdas.values(),
+                          gguf_grid(gtype.bits), base_only)
 
 
 def choose_encoding(job: ExportJob, gtype: GGUFType, requantize: bool, base_only: bool) -> tuple[str, str]:
@@ -242,10 +223,9 @@ def choose_encoding(job: ExportJob, gtype: GGUFType, requantize: bool, base_only
         return "fold", (f"{what} own codes and fp16 α written untouched as {gtype.name} qs/d"
                         + ("" if base_only else "; β' = β + s·H/λi rounded once to fp16 as m (no re-quantization)"))
     if job.ckpt.method == "qa-blora" and gtype.has_min and not requantize and not base_only:
-        li, lo = next(iter(job.ckpt.modules.values())).lambda_in, next(iter(job.ckpt.modules.values())).lambda_out
-        raise UnsupportedError(f"cannot write the checkpoint's own codes as {gtype.name} ({'; '.join(problems)}); "
-                               f"{foldable_hint(li, lo)}; or pass --requantize (merge, then re-quantize: PTQ, "
-                               "error reported) or --type f16")
+        raise UnsupportedError(fold_refusal(gguf_grid(gtype.bits), problems, job.ckpt.lambdas.values(),
+                                            "or pass --requantize (merge, then re-quantize: PTQ, error reported) "
+                                            "or --type f16"))
     return "requantize", (f"merge-then-quantize with gguf.quants to {gtype.name} (post-training quantization: "
                           f"adds error, see ptq_error; {problems[0]})")
 
@@ -257,8 +237,8 @@ class EncodeContext:
     job: ExportJob
     encoding: str
     base_only: bool
-    ptq: ErrorStats
-    embed_ptq: ErrorStats
+    ptq: PtqError
+    embed_ptq: PtqError
 
 
 def _rows(x: torch.Tensor, heads: Optional[int]) -> torch.Tensor:
@@ -273,7 +253,7 @@ def encode_tensor(spec: TensorSpec, ctx: EncodeContext) -> np.ndarray:
     if spec.role == "embed":
         data = quantize(weight, spec.gtype)
         if spec.gtype.quantized:
-            ctx.embed_ptq.add(dequantize(data, spec.gtype.qtype).reshape(weight.shape), weight)
+            ctx.embed_ptq.add(dequantize(data, spec.gtype.qtype).reshape(weight.shape), weight, spec.name)
         return data
     module = None if ctx.base_only else job.ckpt.module_for_weight(spec.source)
     if ctx.encoding == "fold":
@@ -290,5 +270,5 @@ def encode_tensor(spec: TensorSpec, ctx: EncodeContext) -> np.ndarray:
     exact = _rows(exact, spec.heads)
     data = quantize(exact, spec.gtype)
     if spec.gtype.quantized:
-        ctx.ptq.add(dequantize(data, spec.gtype.qtype).reshape(exact.shape), exact)
+        ctx.ptq.add(dequantize(data, spec.gtype.qtype).reshape(exact.shape), exact, spec.name)
     return data

@@ -9,7 +9,7 @@ Two ways a weight reaches a GGUF block:
   reference quantizer) on the merged float32 weight. This is post-training quantization and
   adds error, which :func:`weight_error` measures.
 
-Layouts (little-endian, FORMATS.md): Q4_1 ``d, m, qs[16]`` with ``qs[j] = q[j] | q[j+16] << 4``;
+Layouts (little-endian, docs/FORMATS.md): Q4_1 ``d, m, qs[16]`` with ``qs[j] = q[j] | q[j+16] << 4``;
 Q5_1 ``d, m, qh[4], qs[16]`` with bit ``i`` of the uint32 ``qh`` = bit 4 of ``q[i]``.
 Dequantized: ``d·q + m``.
 """
@@ -144,25 +144,3 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
     if qtype == GGMLQuantizationType.F32:
         return torch.from_numpy(np.array(data, dtype=np.float32))
     return torch.from_numpy(np.array(gguf_quants.dequantize(np.asarray(data), qtype), dtype=np.float32))
-
-
-@dataclass
-class ErrorStats:
-    """Weight-space error of stored weights against the exact ones, accumulated over tensors."""
-
-    sq_err: float = 0.0
-    sq_ref: float = 0.0
-    max_rel: float = 0.0  # max over tensors of max|err| / max|exact|
-    tensors: int = 0
-
-    def add(self, stored: torch.Tensor, exact: torch.Tensor) -> None:
-        err = stored.to(torch.float64) - exact.to(torch.float64)
-        self.sq_err += float((err * err).sum())
-        self.sq_ref += float((exact.to(torch.float64) ** 2).sum())
-        scale = float(exact.abs().max()) or 1.0
-        self.max_rel = max(self.max_rel, float(err.abs().max()) / scale)
-        self.tensors += 1
-
-    def to_json(self) -> dict:
-        rms = (self.sq_err / self.sq_ref) ** 0.5 if self.sq_ref else 0.0
-        return {"weight_rel_rms": rms, "weight_max_rel": self.max_rel, "tensors": self.tensors}

@@ -10,7 +10,7 @@ Runtimes:
   adapter runs on a temporary ``--base-only`` f32 GGUF with ``lora_path``.
 
 Bounds (``max |Δlogit| / max |logit|``). Every floor is computed in torch from the checkpoint's base
-as trained, *without the adapter* (:mod:`converters.tolerances`), never from a file this writer made:
+as trained, *without the adapter* (:mod:`blora_export.tolerance`), never from a file this writer made:
 
 * gguf-py, float types: the storage dtype's bound, widened to ``FLOOR_FACTOR`` x what storing the
   base in the file's tensor types costs;
@@ -42,6 +42,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from blora_export.base import DECODER_LINEAR
 from blora_export.emulate import NONE, Arithmetic, Rule
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.job import Artifact, ExportJob
 from blora_export.numerics import logit_stats
 from blora_export.quant import fold_into_zero_points, quantize_minmax
 from blora_export.reference import (
@@ -52,12 +53,11 @@ from blora_export.reference import (
     trained_stream,
 )
 from blora_export.stream import Stream, StreamedForward
+from blora_export.tolerance import Tolerance, floor_tolerance, tolerance_for_dtype
 
-from .base import Artifact, ExportJob, Tolerance
 from .gguf_checks import _layout, _tensors, layer_checks, lora_pairs, unpermute_rows
 from .gguf_model import permute_heads
 from .gguf_quants import GGUF_TYPES, TYPE_BY_QTYPE, dequantize, quantize
-from .tolerances import floor_tolerance, tolerance_for_dtype
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("gguf-py", "llama.cpp")

@@ -65,7 +65,7 @@ class FloatLinear:
 
 @dataclass(frozen=True)
 class Int4Linear:
-    """``w = α·(q − 8) + c`` per block of ``block_size`` inputs (``c = β + 8α``), see FORMATS.md.
+    """``w = α·(q − 8) + c`` per block of ``block_size`` inputs (``c = β + 8α``), see docs/FORMATS.md.
 
     ``packed`` uint8 ``[N, K/bs, bs/2]`` (low nibble first), ``scales`` float32 ``[N, K/bs]``,
     ``offsets_t`` float32 ``[K/bs, N]``. Computed as ``MatMulNBits(X, q, α)`` (default zero point 8)

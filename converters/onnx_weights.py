@@ -2,7 +2,7 @@
 
 Each provider hands :func:`converters.onnx_graph.build_decoder` one fused linear group at a
 time (read from the base one tensor at a time), and the store writes each initializer as soon
-as it is made. The int4 encoding (FORMATS.md) of ``w = α·q + β`` is ``α·(q − 8) + c`` with
+as it is made. The int4 encoding (docs/FORMATS.md) of ``w = α·q + β`` is ``α·(q − 8) + c`` with
 ``c = β + 8α``: ``MatMulNBits`` without zero points (default 8) plus a block-sum correction.
 
 * exact: QA-BLoRA on a 4-bit min-max grid, runtime blocks of ``t`` with ``t | block_in`` and
@@ -23,12 +23,13 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from blora_export.delta import delta_weight
+from blora_export.job import ExportJob, LayerCheck
 from blora_export.merge import exact_merged_weight, trained_base_weight
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio, round_to
+from blora_export.ptq import PtqError
 from blora_export.quant import expand_blocks, quantize_minmax, to_row_blocks, trained_beta
 from blora_export.spec import MinMaxGrid
 
-from .base import ExportJob, LayerCheck
 from .onnx_graph import LINEAR_GROUPS, ONNX_DTYPES, FloatLinear, Int4Linear, LinearGroup
 
 ZERO_POINT = 8  # MatMulNBits' default zero point for 4 bits
@@ -109,7 +110,7 @@ class Int4Weights:
     block: int
     accuracy_level: int
     requantize: bool
-    added_error: dict = field(default_factory=dict)  # weight name -> max |w_int4 - w_exact| / max |w_exact|
+    ptq: PtqError = field(default_factory=PtqError)  # what re-quantization adds, per weight
 
     def codes_scales_offsets(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(q [N, K], α [N, K/t] float32, c [N, K/t] float64)`` for one HF weight."""
@@ -122,7 +123,7 @@ class Int4Weights:
         exact = exact_merged_weight(name, weight, self.job.ckpt, self.job.plan)
         qw = quantize_minmax(exact.to(torch.float32), requant_grid(self.block), name)
         deq = qw.dequantize(torch.float64)
-        self.added_error[name] = float((deq - exact).abs().max() / exact.abs().max().clamp_min(1e-30))
+        self.ptq.add(deq, exact, name)
         alpha, beta = qw.alpha.double(), qw.beta.double()
         return qw.codes, alpha.float(), beta + ZERO_POINT * alpha
 

@@ -31,9 +31,11 @@ from gguf import GGML_QUANT_VERSION, GGUFWriter
 
 from blora_export.delta import AdapterModule, lora_factors
 from blora_export.errors import UnsupportedError
+from blora_export.hf_folder import provenance
 from blora_export.io import atomic_file
+from blora_export.job import Artifact, ExportJob, ExportResult
+from blora_export.ptq import PtqError
 
-from .base import Artifact, ExportJob, ExportResult
 from .gguf_model import (
     ArchSpec,
     EncodeContext,
@@ -48,9 +50,8 @@ from .gguf_model import (
     tensor_plan,
     write_hparams,
 )
-from .gguf_quants import GGUF_TYPES, ErrorStats, GGUFType, encode_float
+from .gguf_quants import GGUF_TYPES, GGUFType, encode_float
 from .gguf_tokenizer import quiet_logger, write_tokenizer
-from .to_safetensors import provenance
 
 NAME = "gguf"
 DESCRIPTION = "GGUF for llama.cpp: full model (folded Q4_1/Q5_1 codes or merged weights) or LoRA adapter"
@@ -143,7 +144,7 @@ def _export_model(job: ExportJob, out: Path, arch: ArchSpec, hp: HParams, gtype:
     encoding, how = encoding
     specs = tensor_plan(job, arch, hp, gtype, quantize_embeddings)
     rows = next(s.shape[0] for s in specs if s.name == "token_embd.weight")
-    ctx = EncodeContext(job, encoding, base_only, ErrorStats(), ErrorStats())
+    ctx = EncodeContext(job, encoding, base_only, PtqError(), PtqError())
     content = "base" if base_only else "model"
     summary: dict = {}
 

@@ -4,7 +4,7 @@ MLX stores each quantized Linear as ``weight`` uint32 ``[out, in*bits/32]`` (cod
 least-significant bit first, as one bit stream per row), ``scales`` and ``biases``
 ``[out, in/G]`` and dequantizes ``w = scales*q + biases`` on groups of ``G`` inputs. That is
 the paper's min-max block with β stored as is, so a QA-BLoRA checkpoint on a min-max grid
-exports its own codes and α untouched and the folded ``β' = β + s*H/λi`` (MATH.md), when
+exports its own codes and α untouched and the folded ``β' = β + s*H/λi`` (docs/MATH.md), when
 ``G`` divides the grid's block and λi. The only loss is rounding β' to the biases' dtype.
 
 Anything else (Q-BLoRA, other grids, other bits or groups, ``--merge-into original``) is a
@@ -23,29 +23,28 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
+from blora_export.base import TensorFolder
 from blora_export.delta import delta_weight
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.fold import fold_obstacles, fold_refusal, mlx_grid
+from blora_export.hf_folder import PROVENANCE_FILE, provenance, rope_overrides, write_hf_config, write_shards
 from blora_export.io import atomic_dir
+from blora_export.job import Artifact, ExportJob, ExportResult, LayerCheck
 from blora_export.merge import exact_merged_weight, is_quantized_linear
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio, logit_stats, round_to
+from blora_export.ptq import PtqError
 from blora_export.quant import (
     QuantizedWeight,
     expand_blocks,
-    foldable_hint,
     quantize_minmax,
-    runtime_fold_problems,
     to_row_blocks,
     trained_beta,
 )
 from blora_export.reference import trained_base_fn
 from blora_export.spec import MinMaxGrid
 from blora_export.stream import Stream
-
-from .base import Artifact, ExportJob, ExportResult, LayerCheck, Tolerance
-from .to_safetensors import PROVENANCE_FILE, provenance, write_hf_config, write_shards
-from .tolerances import UNIT_ROUNDOFF, floor_tolerance, tolerance_for_dtype
+from blora_export.tolerance import UNIT_ROUNDOFF, Tolerance, floor_tolerance, tolerance_for_dtype
 
 log = logging.getLogger(__name__)
 NAME = "mlx"
@@ -119,27 +118,15 @@ def _grid_defaults(job: ExportJob) -> tuple[int, int]:
     if not isinstance(grid, MinMaxGrid) or grid.bits not in BITS:
         return DEFAULT_BITS, DEFAULT_GROUP
     for t in GROUP_SIZES:
-        if not any(runtime_fold_problems(grid, m.lambda_in, m.lambda_out, t) for m in job.ckpt.modules.values()):
+        if not fold_obstacles(job.ckpt.method, grid, "dequantized", job.ckpt.lambdas.values(), mlx_grid(grid.bits, t)):
             return grid.bits, t
     return grid.bits, DEFAULT_GROUP
 
 
-def fold_obstacles(job: ExportJob, bits: int, group_size: int, scale_dtype: str) -> list[str]:
+def mlx_fold_obstacles(job: ExportJob, bits: int, group_size: int, scale_dtype: str) -> list[str]:
     """Why this checkpoint cannot export its own codes with these settings (empty when it can)."""
-    ckpt, grid = job.ckpt, job.ckpt.base_quant
-    if ckpt.method != "qa-blora":
-        return ["Q-BLoRA's update is not constant on quantization groups: it merges into 16-bit weights, "
-                "so a low-bit MLX export is merge-then-quantize"]
-    if not isinstance(grid, MinMaxGrid):
-        return ["the checkpoint names no min-max grid (blora_config.json base_quant), so it has no codes to keep"]
-    if job.plan.merge_into != "dequantized":
-        return ["--merge-into original asks for W + ΔW, which is not on the checkpoint's grid"]
-    problems = [] if bits == grid.bits else [f"--bits {bits} differs from the grid's {grid.bits}-bit codes"]
-    for pair in sorted({(m.lambda_in, m.lambda_out) for m in ckpt.modules.values()}):
-        problems += [f"λ={pair[0]}x{pair[1]}: {p}" for p in runtime_fold_problems(grid, *pair, group_size)]
-    if scale_dtype == "float16" and grid.param_dtype != "float16":
-        problems.append(f"the grid's {grid.param_dtype} scales are not exact in {scale_dtype}: use --bias-dtype float32")
-    return problems
+    return fold_obstacles(job.ckpt.method, job.ckpt.base_quant, job.plan.merge_into, job.ckpt.lambdas.values(),
+                          mlx_grid(bits, group_size, scale_dtype))
 
 
 def resolve_plan(job: ExportJob, bits: Optional[int], group_size: Optional[int], bias_dtype: str,
@@ -153,14 +140,13 @@ def resolve_plan(job: ExportJob, bits: Optional[int], group_size: Optional[int],
     if bits not in BITS or group_size not in GROUP_SIZES:
         raise UnsupportedError(f"MLX affine takes bits {BITS} and group sizes {sorted(GROUP_SIZES)}; "
                                f"got bits={bits}, group_size={group_size}")
-    problems = fold_obstacles(job, bits, group_size, bias_dtype)
+    problems = mlx_fold_obstacles(job, bits, group_size, bias_dtype)
     if not problems:
         return MlxPlan(bits, group_size, bias_dtype, "fold", "exact: codes kept, offsets folded")
     if not requantize:
-        hints = {foldable_hint(*pair) for pair in job.ckpt.lambdas.values()} if job.ckpt.method == "qa-blora" else set()
-        raise UnsupportedError(f"cannot export the checkpoint's own codes to MLX {bits}-bit groups of {group_size} "
-                               f"({'; '.join(problems)}); pass --requantize to merge and re-quantize (PTQ, error "
-                               f"reported), or export 16-bit with --layout hf. {' '.join(sorted(hints))}")
+        raise UnsupportedError(fold_refusal(mlx_grid(bits, group_size, bias_dtype), problems, job.ckpt.lambdas.values(),
+                                            "pass --requantize to merge and re-quantize (PTQ, error reported), "
+                                            "or export 16-bit with --layout hf"))
     log.warning("MLX export re-quantizes (post-training quantization): %s", "; ".join(problems))
     return MlxPlan(bits, group_size, bias_dtype, "requantize", "; ".join(problems))
 
@@ -196,14 +182,14 @@ def row_params(qw: QuantizedWeight, mplan: MlxPlan) -> tuple[torch.Tensor, torch
     return alpha.to(mplan.torch_scale_dtype), beta.to(mplan.torch_scale_dtype)
 
 
-def mlx_tensors(job: ExportJob, mplan: MlxPlan, stats: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def mlx_tensors(job: ExportJob, mplan: MlxPlan, ptq: PtqError) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the MLX folder in base-file order, one base tensor at a time."""
     for name in job.base.names():
         weight = job.base.tensor(name)
         if is_quantized_linear(name):
             qw = expected_weight(job, name, weight, mplan)
             if mplan.route == "requantize":
-                _record_ptq(stats, name, qw, job, weight)
+                ptq.add(qw.dequantize(), exact_merged_weight(name, weight, job.ckpt, job.plan), name)
             scales, biases = row_params(qw, mplan)
             stem = name[: -len(".weight")]
             yield name, pack_codes(qw.codes, mplan.bits)
@@ -213,26 +199,6 @@ def mlx_tensors(job: ExportJob, mplan: MlxPlan, stats: dict) -> Iterator[tuple[s
             yield name, round_to(exact_merged_weight(name, weight, job.ckpt, job.plan), weight.dtype)
         else:
             yield name, weight
-
-
-def _record_ptq(stats: dict, name: str, qw: QuantizedWeight, job: ExportJob, weight: torch.Tensor) -> None:
-    """Largest weight error the re-quantization adds, relative to the layer's largest weight."""
-    exact = exact_merged_weight(name, weight, job.ckpt, job.plan)
-    err = float((qw.dequantize().double() - exact).abs().max()) / (float(exact.abs().max()) or 1.0)
-    if err > stats.get("ptq_weight_rel_max", 0.0):
-        stats.update(ptq_weight_rel_max=err, ptq_worst_layer=name)
-
-
-def rope_overrides(config: dict) -> dict:
-    """The keys mlx-lm reads at the top level of config.json: transformers 5 nests ``rope_theta``
-    (and the rope type) in ``rope_parameters``, which mlx-lm 0.32 ignores (it would use its default)."""
-    rope = config.get("rope_parameters")
-    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
-        return {}
-    extra = {"rope_theta": rope["rope_theta"]}
-    if rope.get("rope_type", "default") != "default":
-        extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return extra
 
 
 def mlx_config_extra(job: ExportJob, mplan: MlxPlan) -> dict:
@@ -260,10 +226,10 @@ def export(job: ExportJob, out: Path, bits: Optional[int] = None, group_size: Op
                  if bias_dtype == "float16" else "β' kept at the runtime's own noise; --bias-dtype float16 is "
                  "4 bytes smaller per group and rounds each folded β' to fp16")
     mplan = resolve_plan(job, bits, group_size, bias_dtype, requantize)
-    stats: dict = {}
+    ptq = PtqError()
     names = job.base.names()
     with atomic_dir(out) as tmp:
-        stream = job.progress(mlx_tensors(job, mplan, stats), desc="mlx", unit="tensor")
+        stream = job.progress(mlx_tensors(job, mplan, ptq), desc="mlx", unit="tensor")
         weight_map = write_shards(stream, tmp, MAX_SHARD_BYTES)
         files = sorted(set(weight_map.values()))
         if len(files) > 1:
@@ -272,13 +238,14 @@ def export(job: ExportJob, out: Path, bits: Optional[int] = None, group_size: Op
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         dtype_name = str(job.base.tensor_dtype(names[0])).removeprefix("torch.")
         write_hf_config(job, tmp, dtype_name, mlx_config_extra(job, mplan))
+        ptq_details = {"ptq_error": ptq.to_json()} if ptq.tensors else {}
         info = {"format": NAME, "route": mplan.route, "route_description": ROUTES[mplan.route],
-                "reason": mplan.reason, "bias_dtype": mplan.scale_dtype, **mplan.quantization(), **stats}
+                "reason": mplan.reason, "bias_dtype": mplan.scale_dtype, **mplan.quantization(), **ptq_details}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance(job, info), indent=2) + "\n")
         size = sum((tmp / f).stat().st_size for f in files)
     details = {"route": ROUTES[mplan.route], "bits": mplan.bits, "group_size": mplan.group_size,
                "bias_dtype": mplan.scale_dtype, "bias_dtype_trade": BIAS_TRADE[mplan.scale_dtype],
-               "bytes": size, "merge": job.plan.describe(), **stats}
+               "bytes": size, "merge": job.plan.describe(), **ptq_details}
     return ExportResult(format=NAME, path=Path(out), seconds=time.perf_counter() - start, details=details)
 
 
@@ -297,26 +264,10 @@ def detect(path: Path) -> bool:
     return isinstance(quant, dict) and quant.get("mode", MODE) == MODE
 
 
-class _Files:
-    """Tensors of an MLX folder by name, read one at a time."""
-
-    def __init__(self, path: Path):
-        self.files = {}
-        for file in sorted(path.glob("model*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
-                self.files.update({k: file for k in f.keys()})
-
-    def get(self, name: str) -> Optional[torch.Tensor]:
-        if name not in self.files:
-            return None
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            return f.get_tensor(name)
-
-
 def artifact_plan(path: Path, job: ExportJob) -> MlxPlan:
     """Read bits, group size and scale dtype from the folder; the route follows from the checkpoint."""
     quant = json.loads((Path(path) / "config.json").read_text())["quantization"]
-    files = _Files(Path(path))
+    files = TensorFolder.open(Path(path))
     first = next((n for n in job.base.linear_names() if files.get(n[: -len(".weight")] + ".scales") is not None), None)
     if first is None:
         raise BadInputError(f"{path} holds no quantized decoder Linear (no *.scales tensors)")
@@ -353,7 +304,7 @@ def _dequant_check(name: str, words, scales, biases, codes, mplan: MlxPlan) -> L
 def layer_checks(job: ExportJob, path: Path, mplan: MlxPlan) -> list[LayerCheck]:
     """Per quantized Linear: codes and scales as expected exactly; biases within half an ulp of exact β'
     (fold) or equal to min-max of the merge (re-quantized); the packing decodes identically in mlx."""
-    files, checks = _Files(Path(path)), []
+    files, checks = TensorFolder.open(Path(path)), []
     for name in job.progress(job.base.linear_names(), desc="check layers", unit="layer"):
         stem = name[: -len(".weight")]
         words, scales, biases = (files.get(name), files.get(stem + ".scales"), files.get(stem + ".biases"))
@@ -382,7 +333,7 @@ def layer_checks(job: ExportJob, path: Path, mplan: MlxPlan) -> list[LayerCheck]
 
 def activation_dtype(path: Path) -> torch.dtype:
     """The dtype MLX computes in: that of the (unquantized) token embeddings."""
-    emb = _Files(Path(path)).get("model.embed_tokens.weight")
+    emb = TensorFolder.open(Path(path)).get("model.embed_tokens.weight")
     return emb.dtype if emb is not None and emb.is_floating_point() else torch.float32
 
 

@@ -30,18 +30,18 @@ import torch
 from blora_export.base import DECODER_LINEAR
 from blora_export.emulate import Arithmetic, Rule
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.fold import fold_obstacles, fold_refusal, onnx_grid
+from blora_export.hf_folder import PROVENANCE_FILE, provenance
 from blora_export.io import atomic_dir
+from blora_export.job import Artifact, ExportJob, ExportResult, LayerCheck
 from blora_export.numerics import logit_stats
-from blora_export.quant import foldable_hint, quantize_minmax, runtime_fold_problems
+from blora_export.quant import quantize_minmax
 from blora_export.reference import DEFAULT_PROMPTS, load_hf_model, model_logits, tokenize_prompts, trained_base_fn
-from blora_export.spec import MinMaxGrid
 from blora_export.stream import Stream
+from blora_export.tolerance import Tolerance, floor_tolerance, tolerance_for_dtype
 
-from .base import Artifact, ExportJob, ExportResult, LayerCheck, Tolerance
 from .onnx_graph import IR_VERSION, OPSET, DecoderSpec, build_decoder
 from .onnx_weights import FloatWeights, Int4Weights, TensorStore, dequantized_int4, requant_grid, weight_checks
-from .to_safetensors import PROVENANCE_FILE, provenance
-from .tolerances import floor_tolerance, tolerance_for_dtype
 
 log = logging.getLogger(__name__)
 NAME = "onnx"
@@ -83,21 +83,8 @@ def check_options(precision: str, block_size, accuracy_level: int, requantize: b
 
 def exact_int4_problems(job: ExportJob, block: int) -> list[str]:
     """Why the checkpoint's own codes cannot be exported exactly on runtime blocks of ``block``."""
-    ckpt, plan = job.ckpt, job.plan
-    if ckpt.method != "qa-blora":
-        return ["a Q-BLoRA checkpoint has no exact int4 form: int4 is merge-then-quantize"]
-    if plan.merge_into != "dequantized" or not isinstance(plan.base_quant, MinMaxGrid):
-        what = plan.base_quant.describe() if plan.base_quant is not None else "no base quantization"
-        return [f"the adapter is merged into {plan.merge_into} weights ({what}), not a min-max grid's codes"]
-    grid = plan.base_quant
-    if grid.bits != 4:
-        return [f"the checkpoint's grid is {grid.bits}-bit, int4 needs a 4-bit grid"]
-    problems = set()
-    for li, lo in sorted(set(ckpt.lambdas.values())):
-        problems.update(runtime_fold_problems(grid, li, lo, block))
-    if grid.block_in % block:
-        problems.add(f"runtime block {block} does not divide the grid's block_in {grid.block_in}")
-    return sorted(problems)
+    return fold_obstacles(job.ckpt.method, job.plan.base_quant, job.plan.merge_into, job.ckpt.lambdas.values(),
+                          onnx_grid(block))
 
 
 def int4_weights(job: ExportJob, block_size, accuracy_level: int, requantize: bool) -> Int4Weights:
@@ -112,12 +99,9 @@ def int4_weights(job: ExportJob, block_size, accuracy_level: int, requantize: bo
     if requantize:
         log.warning("int4: %s; merging and re-quantizing (min-max RTN, block %d)", "; ".join(problems[block]), block)
         return Int4Weights(job, block, accuracy_level, requantize=True)
-    hints = []
-    if job.ckpt.method == "qa-blora":
-        hints = sorted({foldable_hint(li, lo) for li, lo in job.ckpt.lambdas.values()})
-    raise UnsupportedError(f"int4 with block {block} is not exact for {job.ckpt.path} ({'; '.join(problems[block])})"
-                           f"{'; ' + '; '.join(hints) if hints else ''}; pass --requantize to merge and re-quantize "
-                           "(min-max RTN, reports the added error) or use --precision fp16")
+    raise UnsupportedError(fold_refusal(onnx_grid(block), problems[block], job.ckpt.lambdas.values(),
+                                        "pass --requantize to merge and re-quantize (min-max RTN, reports the "
+                                        "added error) or use --precision fp16"))
 
 
 def onnx_session(model_path: Path):
@@ -247,8 +231,8 @@ def export_details(job: ExportJob, precision: str, weights, external: bool, nbyt
                            "encoding": "MatMulNBits(X, q, alpha) + ReduceSum_blocks(X) @ (beta + 8 alpha)"}
         if weights.requantize:
             what = "Q-BLoRA: merge-then-quantize" if job.ckpt.method == "q-blora" else "merged then re-quantized"
-            details["int4"].update(note=f"{what} (min-max RTN, block {weights.block}): not the trained codes",
-                                   added_error_max_rel=max(weights.added_error.values(), default=0.0))
+            details["int4"]["note"] = f"{what} (min-max RTN, block {weights.block}): not the trained codes"
+            details["ptq_error"] = weights.ptq.to_json()
         else:
             details["int4"]["note"] = "the checkpoint's own codes and scales; QA-BLoRA update folded into offsets"
     return details

@@ -1,7 +1,7 @@
 """Standard LoRA adapters: a PEFT folder (and mlx-lm's adapter folder) that compute ``ΔW`` exactly.
 
 Q-BLoRA is an ordinary LoRA of rank ``R``: ``A' = rep(A, λi)/λi``, ``B' = rep(B, λo)``;
-QA-BLoRA is the smaller exact factorization of ``Rep @ H @ Pool`` (MATH.md, ``lora_factors``).
+QA-BLoRA is the smaller exact factorization of ``Rep @ H @ Pool`` (docs/MATH.md, ``lora_factors``).
 ``ΔW = s * B' @ A'``, so the adapter hot-swaps on the *unmodified* base in PEFT, vLLM and
 friends. Modules may differ in rank (QA-BLoRA: ``min(out/λo, in/λi)``): PEFT gets
 ``rank_pattern``/``alpha_pattern`` with ``lora_alpha/r == s`` exactly; mlx-lm (one rank for
@@ -30,13 +30,11 @@ from blora_export.base import BaseModel
 from blora_export.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BLORA_CONFIG, read_json, resolve_base_path
 from blora_export.delta import AdapterModule, delta_weight, lora_factors
 from blora_export.errors import BadInputError, BloraError, UnsupportedError
+from blora_export.hf_folder import PROVENANCE_FILE, provenance, rope_overrides
 from blora_export.io import atomic_dir
+from blora_export.job import Artifact, ExportJob, ExportResult, LayerCheck
 from blora_export.reference import apply_trained_base, load_hf_model, model_logits
-
-from .base import Artifact, ExportJob, ExportResult, LayerCheck
-from .to_mlx import rope_overrides
-from .to_safetensors import PROVENANCE_FILE, provenance
-from .tolerances import TOLERANCES
+from blora_export.tolerance import TOLERANCES
 
 NAME = "peft"
 DESCRIPTION = "standard LoRA adapter (PEFT folder, or mlx-lm adapter folder), exact"

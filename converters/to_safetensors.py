@@ -7,90 +7,23 @@ exact sum in the chosen dtype (checked again by ``verify`` on the written file).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from blora_export.base import BaseModel, index_shards, read_json
+from blora_export.base import TensorFolder, read_json
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.hf_folder import PROVENANCE_FILE, provenance, write_hf_config, write_shards
 from blora_export.io import atomic_dir
+from blora_export.job import Artifact, ExportJob, ExportResult, LayerCheck
 from blora_export.merge import DTYPES, exact_merged_weight, merged_tensors
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio
-
-from .base import Artifact, ExportJob, ExportResult, LayerCheck
-from .tolerances import tolerance_for_dtype
+from blora_export.tolerance import tolerance_for_dtype
 
 NAME = "safetensors"
 DESCRIPTION = "merged Hugging Face folder (float16/bfloat16/float32 safetensors)"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-PROVENANCE_FILE = "blora_export.json"
-
-
-def provenance(job: ExportJob, extra: dict | None = None) -> dict:
-    """What was exported from what: written beside every artifact."""
-    ckpt = job.ckpt
-    return {
-        "tool": "blora-export",
-        "method": ckpt.method,
-        "layout": ckpt.layout,
-        "lambda": sorted({f"{li}x{lo}" for li, lo in ckpt.lambdas.values()}),
-        "scaling": ckpt.scaling,
-        "rank": ckpt.rank,
-        "lora_alpha": ckpt.lora_alpha,
-        "use_rslora": ckpt.use_rslora,
-        "base_quant": None if ckpt.base_quant is None else ckpt.base_quant.to_json(),
-        "merge": job.plan.describe(),
-        "checkpoint_sha256": ckpt.sha256,
-        **(extra or {}),
-    }
-
-
-def write_hf_config(job: ExportJob, out: Path, dtype_name: str, extra: dict | None = None) -> None:
-    """``config.json`` of the base with the new dtype, plus tokenizer and provenance files."""
-    config = dict(job.base.config)
-    config.pop("quantization_config", None)
-    config["torch_dtype"] = dtype_name
-    config["dtype"] = dtype_name
-    config.update(extra or {})
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for file in job.base.tokenizer_files():
-        shutil.copy2(file, out / file.name)
-
-
-def write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
-    """Write tensors into shards of at most ``max_shard_bytes``; return name -> file."""
-    shard: dict[str, torch.Tensor] = {}
-    size, files, weight_map = 0, [], {}
-
-    def flush():
-        nonlocal shard, size
-        if shard:
-            file = f"part-{len(files):05d}.safetensors"
-            save_file(shard, str(out / file), metadata={"format": "pt"})
-            files.append((file, list(shard)))
-            shard, size = {}, 0
-
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-        shard[name] = tensor.contiguous()
-        size += nbytes
-    flush()
-    if len(files) == 1:
-        (out / files[0][0]).rename(out / "model.safetensors")
-        return {name: "model.safetensors" for name in files[0][1]}
-    for i, (file, names) in enumerate(files):
-        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        (out / file).rename(out / final)
-        weight_map.update({name: final for name in names})
-    return weight_map
-
-
 def export(job: ExportJob, out: Path, dtype: str = "float16", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportResult:
     if dtype not in DTYPES:
         raise UnsupportedError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -121,29 +54,16 @@ def detect(path: Path) -> bool:
     return "quantization" not in config and "quantization_config" not in config
 
 
-def _artifact_tensor_files(path: Path) -> dict[str, Path]:
-    """Tensor name -> file of a merged folder (the same reader as for base models)."""
-    return BaseModel(path=path, config={}, shards=index_shards(path)).shards
-
-
-def _read(files: dict[str, Path], name: str) -> torch.Tensor:
-    try:
-        with safe_open(str(files[name]), framework="pt") as f:
-            return f.get_tensor(name)
-    except Exception as exc:  # safetensors' own error types
-        raise BadInputError(f"cannot read {name} from {files[name]}: truncated file? ({exc})") from None
-
-
 def weight_layer_checks(job: ExportJob, path: Path) -> list[LayerCheck]:
     """Each adapted weight in the file is the correctly rounded ``trained_base(W) + ΔW``."""
-    files = _artifact_tensor_files(path)
+    files = TensorFolder.open(path)
     checks = [config_check(job, path)]
     for module in job.progress(list(job.ckpt.modules.values()), desc="check weights", unit="layer"):
         name = module.weight_name
         if name not in files:
             checks.append(LayerCheck(name, "present in artifact", float("inf"), 0.0))
             continue
-        stored = _read(files, name)
+        stored = files.get(name)
         exact = exact_merged_weight(name, job.base.tensor(name), job.ckpt, job.plan)
         ratio = half_ulp_ratio(stored, exact) if stored.shape == exact.shape else float("inf")
         checks.append(LayerCheck(name, f"|w - exact| / ulp({str(stored.dtype)[6:]})", ratio, HALF_ULP_LIMIT))
@@ -163,21 +83,21 @@ def config_check(job: ExportJob, path: Path) -> LayerCheck:
 
 
 def stored_dtype(path: Path, job: ExportJob) -> torch.dtype:
-    files = _artifact_tensor_files(path)
+    files = TensorFolder.open(path)
     first = next(iter(job.ckpt.modules.values())).weight_name
-    return _read(files, first).dtype if first in files else torch.float32
+    return files.tensor_dtype(first) if first in files else torch.float32
 
 
 def file_weights(path: Path):
     """The folder's own weights by Hugging Face name, one tensor at a time (a tied head is the embeddings)."""
-    files = _artifact_tensor_files(path)
+    files = TensorFolder.open(path)
 
     def weights(name: str, _cache) -> torch.Tensor:
         if name not in files and name == "lm_head.weight":
             name = "model.embed_tokens.weight"
         if name not in files:
             raise BadInputError(f"{path} has no tensor {name}: is it an export of this checkpoint's base?")
-        return _read(files, name).to(torch.float32)
+        return files.get(name).to(torch.float32)
     return weights
 
 

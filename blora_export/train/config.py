@@ -4,7 +4,7 @@ A QA-BLoRA *target* names the low-bit format the checkpoint will be exported to.
 min-max grid the base is quantized on (bits, ``block_out`` x ``block_in``) and default balancing
 factors ``λi``, ``λo`` for which the trained update folds exactly into the grid's zero-points
 (``block_in | λi`` and ``block_out | λo``) and into the runtime's 1-D blocks of ``t`` inputs
-(``t | block_in`` and ``t | λi``), see MATH.md. Q-BLoRA has no target: its base is NF4.
+(``t | block_in`` and ``t | λi``), see docs/MATH.md. Q-BLoRA has no target: its base is NF4.
 
 Fold-aware training (QA-BLoRA) computes the forward as ``α·q + fp16(β + s·H/λi)`` (straight-through
 gradient through the rounding): exactly the weights of a runtime that stores the folded β' in the
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import BadInputError, UnsupportedError
-from ..quant import fold_problems, runtime_fold_problems
+from ..fold import RUNTIME_GRIDS, RuntimeGrid, fold_problems, runtime_fold_problems
 from ..spec import METHODS, MinMaxGrid, NF4Base
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -36,21 +36,33 @@ DEFAULT_QA_LAMBDA_OUT = 4
 
 @dataclass(frozen=True)
 class Target:
-    """A QA-BLoRA export target: its grid, default λ, and the runtime's block (None: 16-bit only)."""
+    """A QA-BLoRA export target: its training grid, default λ, and the runtime grid it ships to
+    (``None``: the paper's 2-D blocks, 16-bit export only)."""
 
     name: str
     grid: MinMaxGrid
     lambda_in: int
     lambda_out: int
-    runtime_block: Optional[int]
-    runtime: str
-    rounded_beta: bool  # the runtime stores β' rounded to the grid's param dtype: fold-aware by default
+    runtime_grid: Optional[RuntimeGrid]
+
+    @property
+    def runtime_block(self) -> Optional[int]:
+        return None if self.runtime_grid is None else self.runtime_grid.block
+
+    @property
+    def runtime(self) -> str:
+        return "16-bit export only (paper blocks)" if self.runtime_grid is None else self.runtime_grid.label
+
+    @property
+    def rounded_beta(self) -> bool:
+        """The runtime stores β' rounded to the grid's param dtype: fold-aware by default."""
+        return self.runtime_grid is not None and self.runtime_grid.offset_dtype == self.grid.param_dtype
 
     def problems(self, lambda_in: int, lambda_out: int) -> list[str]:
         """Why ``(λi, λo)`` cannot fold exactly into this target (empty if it can)."""
-        if self.runtime_block is None:
+        if self.runtime_grid is None:
             return fold_problems(self.grid, lambda_in, lambda_out)
-        return runtime_fold_problems(self.grid, lambda_in, lambda_out, self.runtime_block)
+        return runtime_fold_problems(self.grid, lambda_in, lambda_out, self.runtime_grid.block)
 
     def would_fold(self) -> str:
         """A one-phrase description of the λ that fold exactly."""
@@ -59,41 +71,24 @@ class Target:
         return f"--lambda-in a multiple of {step} (e.g. {self.lambda_in}) and {outs}"
 
 
-#: Fixed-name targets; the parametrised families are parsed by :func:`parse_target`.
-FIXED_TARGETS = {
-    "gguf-q4_1": Target("gguf-q4_1", MinMaxGrid(4, 1, 32), 32, DEFAULT_QA_LAMBDA_OUT, 32, "llama.cpp Q4_1", True),
-    "gguf-q5_1": Target("gguf-q5_1", MinMaxGrid(5, 1, 32), 32, DEFAULT_QA_LAMBDA_OUT, 32, "llama.cpp Q5_1", True),
-}
-ONNX_BLOCKS = (16, 32, 64, 128)
-MLX_BITS = (2, 3, 4, 5, 6, 8)
-MLX_GROUPS = (32, 64, 128)
 PAPER_BITS = 4
-_FAMILIES = {
-    "onnx": re.compile(r"^onnx-int4-(\d+)$"),
-    "mlx": re.compile(r"^mlx-(\d+)-(\d+)$"),
-    "paper": re.compile(r"^paper-(\d+)x(\d+)$"),
-}
+_PAPER = re.compile(r"^paper-(\d+)x(\d+)$")
 TARGET_HELP = ("gguf-q4_1, gguf-q5_1, onnx-int4-<16|32|64|128>, mlx-<2|3|4|5|6|8>-<32|64|128>, "
                "paper-<bi>x<bo> (the paper's 2-D blocks, 16-bit export only)")
 
 
 def parse_target(name: str) -> Target:
-    """The :class:`Target` for ``name`` (see :data:`TARGET_HELP`)."""
-    if name in FIXED_TARGETS:
-        return FIXED_TARGETS[name]
+    """The :class:`Target` for ``name`` (see :data:`TARGET_HELP`): a runtime grid of
+    :data:`blora_export.fold.RUNTIME_GRIDS` (trained on its own 1 x block grid, λi = block), or
+    the paper's 2-D blocks."""
     lo = DEFAULT_QA_LAMBDA_OUT
-    m = _FAMILIES["onnx"].match(name)
-    if m and int(m[1]) in ONNX_BLOCKS:
-        bs = int(m[1])
-        return Target(name, MinMaxGrid(4, 1, bs), bs, lo, bs, f"onnxruntime MatMulNBits block {bs}", False)
-    m = _FAMILIES["mlx"].match(name)
-    if m and int(m[1]) in MLX_BITS and int(m[2]) in MLX_GROUPS:
-        bits, gs = int(m[1]), int(m[2])
-        return Target(name, MinMaxGrid(bits, 1, gs), gs, lo, gs, f"mlx affine {bits}-bit group {gs}", True)
-    m = _FAMILIES["paper"].match(name)
+    if name in RUNTIME_GRIDS:
+        rg = RUNTIME_GRIDS[name]
+        return Target(name, MinMaxGrid(rg.bits, 1, rg.block), rg.block, lo, rg)
+    m = _PAPER.match(name)
     if m and int(m[1]) >= 1 and int(m[2]) >= 1:
         bi, bo = int(m[1]), int(m[2])
-        return Target(name, MinMaxGrid(PAPER_BITS, bo, bi), bi, bo, None, "16-bit export only (paper blocks)", False)
+        return Target(name, MinMaxGrid(PAPER_BITS, bo, bi), bi, bo, None)
     raise UnsupportedError(f"unknown --target {name!r}; targets: {TARGET_HELP}")
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..base import BaseModel
 from ..errors import UnsupportedError
-from ..nf4 import NF4Spec, nf4_roundtrip
+from ..nf4 import nf4_roundtrip
 from ..quant import check_grid_fits, quantize_minmax
 from ..reference import load_hf_model
 from ..spec import MinMaxGrid, NF4Base
@@ -66,7 +66,7 @@ def quantized_base(name: str, weight: torch.Tensor, bias, spec: AdapterSpec, nf4
             except ImportError:
                 raise UnsupportedError("Q-BLoRA on CUDA uses bitsandbytes: pip install bitsandbytes "
                                        "(or train with --device cpu)") from None
-        dense = nf4_roundtrip(weight, NF4Spec(quant.blocksize, quant.double_quant)).float()
+        dense = nf4_roundtrip(weight, quant).float()
         return DenseBase(dense, bias)
     raise UnsupportedError(f"no training base for {quant!r}")
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from blora_export.errors import BadInputError
 from blora_export.nf4 import (
     DQ_BLOCKSIZE,
     NF4_CODE,
-    NF4Spec,
     NF4Weight,
     _quantize_blockwise8_cpu,
     dynamic_map_signed,
@@ -19,6 +19,7 @@ from blora_export.nf4 import (
     nf4_quantize,
     nf4_roundtrip,
 )
+from blora_export.spec import NF4Base
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MAX_HALF_GAP = max(b - a for a, b in zip(NF4_CODE, NF4_CODE[1:])) / 2
@@ -69,7 +70,7 @@ def test_hand_computed_block():
     # 1.0/2=0.5   -> nearest 0.4407 (d=.059) vs 0.5626 (d=.063): code 12
     # 0.6/2=0.3   -> 0.3379 (d=.038) vs 0.2461 (d=.054): code 11
     # -0.4/2=-0.2 -> -0.1848 (d=.015): code 5;  0.1/2=0.05 -> 0.0796 (d=.030) vs 0 (d=.05): 8
-    q = nf4_quantize(w, NF4Spec(blocksize=64, double_quant=False))
+    q = nf4_quantize(w, NF4Base(blocksize=64, double_quant=False))
     assert q.codes[:6].tolist() == [15, 0, 12, 11, 5, 8]
     assert torch.all(q.codes[6:] == 7)
     assert q.absmax.tolist() == [2.0]
@@ -85,7 +86,7 @@ def test_tie_goes_to_lower_code(lower):
     above = torch.nextafter(mid, torch.tensor(2.0))
     w = torch.zeros(64)
     w[0], w[1], w[2] = mid, above, 1.0  # absmax 1.0: scaling is exact
-    q = nf4_quantize(w, NF4Spec(64, double_quant=False))
+    q = nf4_quantize(w, NF4Base(64, double_quant=False))
     assert q.codes[:3].tolist() == [lower, lower + 1, 15]
 
 
@@ -107,14 +108,14 @@ def _reciprocal_blocks() -> torch.Tensor:
 
 def test_full_blocks_scale_by_reciprocal():
     """bnb scales full blocks by w * (1/absmax), which rounds differently from w / absmax."""
-    q = nf4_quantize(_reciprocal_blocks(), NF4Spec(64, double_quant=False))
+    q = nf4_quantize(_reciprocal_blocks(), NF4Base(64, double_quant=False))
     assert q.codes[:, 1].tolist() == [c for _, _, c, _ in RECIPROCAL_CASES]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_error_bound_without_double_quant(dtype):
     w = _weight((96, 80), dtype, seed=3)
-    q = nf4_quantize(w, NF4Spec(64, double_quant=False))
+    q = nf4_quantize(w, NF4Base(64, double_quant=False))
     d = nf4_dequantize(q)
     err = (w.float() - d.float()).abs().view(-1)
     scale = q.absmax.repeat_interleave(64)[: w.numel()]
@@ -124,8 +125,8 @@ def test_error_bound_without_double_quant(dtype):
 
 def test_error_bound_with_double_quant():
     w = _weight((300, 64), torch.float32, seed=4)  # 300 blocks -> 2 double-quant blocks
-    plain = nf4_quantize(w, NF4Spec(64, double_quant=False)).absmax
-    q = nf4_quantize(w, NF4Spec(64, double_quant=True))
+    plain = nf4_quantize(w, NF4Base(64, double_quant=False)).absmax
+    q = nf4_quantize(w, NF4Base(64, double_quant=True))
     assert q.absmax.shape == plain.shape
     dq_err = (plain - q.absmax).abs()
     assert torch.all(dq_err <= 0.01 * plain.abs().max())  # 8-bit dynamic code is fine-grained
@@ -137,7 +138,7 @@ def test_error_bound_with_double_quant():
 @pytest.mark.parametrize("dq", [False, True])
 def test_deterministic_and_layout_independent(dq):
     w = _weight((128, 96), torch.bfloat16, seed=5)
-    spec = NF4Spec(64, dq)
+    spec = NF4Base(64, dq)
     a, b = nf4_quantize(w, spec), nf4_quantize(w.clone(), spec)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.absmax, b.absmax)
     assert torch.equal(nf4_roundtrip(w, spec), nf4_roundtrip(w, spec))
@@ -148,12 +149,12 @@ def test_deterministic_and_layout_independent(dq):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_types_and_shapes(dtype):
     w = _weight((5, 3, 40), dtype)
-    q = nf4_quantize(w, NF4Spec())
+    q = nf4_quantize(w, NF4Base())
     assert isinstance(q, NF4Weight)
     assert q.codes.dtype == torch.uint8 and q.codes.shape == w.shape and int(q.codes.max()) <= 15
     assert q.absmax.dtype == torch.float32 and q.absmax.numel() == math.ceil(600 / 64)
     assert q.shape == w.shape and q.dtype == dtype
-    d = nf4_roundtrip(w, NF4Spec())
+    d = nf4_roundtrip(w, NF4Base())
     assert d.dtype == dtype and d.shape == w.shape
 
 
@@ -161,7 +162,7 @@ def test_zero_blocks_and_ragged_tail():
     w = torch.randn(3, 50)  # 150 = 2 full blocks + a 22-element tail
     w.view(-1)[:64] = 0.0
     w.view(-1)[128:] = 0.0
-    q = nf4_quantize(w, NF4Spec(64, double_quant=False))
+    q = nf4_quantize(w, NF4Base(64, double_quant=False))
     assert q.absmax.numel() == 3
     assert q.absmax[0].item() == 0.0  # a full zero block keeps absmax 0 ...
     assert q.absmax[2].item() == torch.tensor(1e-38).item()  # ... the tail stores bnb's clamp
@@ -177,19 +178,19 @@ def test_rejects_non_finite(bad):
     w = torch.randn(4, 64)
     w[2, 7] = bad
     with pytest.raises(ValueError, match="non-finite") as exc:
-        nf4_quantize(w, NF4Spec())
+        nf4_quantize(w, NF4Base())
     assert "\n" not in str(exc.value)
 
 
 def test_rejects_bad_inputs():
     with pytest.raises(ValueError):
-        nf4_quantize(torch.ones(64, dtype=torch.int32), NF4Spec())
+        nf4_quantize(torch.ones(64, dtype=torch.int32), NF4Base())
     with pytest.raises(ValueError):
-        nf4_quantize(torch.ones(0), NF4Spec())
-    with pytest.raises(ValueError):
-        NF4Spec(blocksize=48)
+        nf4_quantize(torch.ones(0), NF4Base())
+    with pytest.raises(BadInputError):
+        NF4Base(blocksize=48)
     with pytest.raises(TypeError):
-        nf4_quantize([1.0, 2.0], NF4Spec())  # type: ignore[arg-type]
+        nf4_quantize([1.0, 2.0], NF4Base())  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- bitsandbytes
@@ -222,14 +223,14 @@ def _bnb(F, w, blocksize, dq):
 
 def _assert_same_as_bnb(F, w, blocksize, dq):
     codes, absmax, deq = _bnb(F, w, blocksize, dq)
-    q = nf4_quantize(w, NF4Spec(blocksize, dq))
+    q = nf4_quantize(w, NF4Base(blocksize, dq))
     mine = nf4_dequantize(q)
     assert torch.equal(q.codes, codes)
     assert torch.equal(q.absmax, absmax)
     assert mine.dtype == deq.dtype == w.dtype
     # bnb returns an even-length 1-D weight as (1, n); values are compared flat
     assert torch.equal(mine.reshape(-1), deq.reshape(-1))
-    assert torch.equal(nf4_roundtrip(w, NF4Spec(blocksize, dq)), mine)
+    assert torch.equal(nf4_roundtrip(w, NF4Base(blocksize, dq)), mine)
 
 
 def test_tables_match_bnb(bnbF):

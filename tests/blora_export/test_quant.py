@@ -6,11 +6,11 @@ from hypothesis import strategies as st
 
 from blora_export.delta import AdapterModule, delta_weight
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.fold import runtime_fold_problems
 from blora_export.quant import (
     expand_blocks,
     fold_into_zero_points,
     quantize_minmax,
-    runtime_fold_problems,
     to_row_blocks,
 )
 from blora_export.spec import MinMaxGrid

@@ -75,7 +75,7 @@ def test_report_json_roundtrips(samples):
 def test_tolerance_widens_to_floor_factor_times_a_measured_floor():
     import torch
 
-    from converters.tolerances import FLOOR_FACTOR, tolerance_for_dtype, widen_to_floor
+    from blora_export.tolerance import FLOOR_FACTOR, tolerance_for_dtype, widen_to_floor
 
     table = tolerance_for_dtype(torch.float16)
     assert widen_to_floor(table, table.max_rel / 10, torch.float16) is table

@@ -31,16 +31,16 @@ from blora_export.numerics import logit_stats
 from blora_export.quant import fold_into_zero_points, quantize_minmax
 from blora_export.reference import DEFAULT_PROMPTS, reference_logits, tokenize_prompts
 from blora_export.spec import MinMaxGrid
+from blora_export.tolerance import FLOOR_FACTOR
 from converters import gguf_model, gguf_runtime, gguf_tokenizer, to_gguf
 from converters.gguf_runtime import gguf_py_model_logits, llama_cpp_logits
-from converters.tolerances import FLOOR_FACTOR
 
 F16_BOUND = 16 * 2.0**-11
 LLAMA_F32_BOUND = 3e-3
 
 
 def hf_to_llama(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """FORMATS.md's permutation, written out independently of the converter."""
+    """docs/FORMATS.md's permutation, written out independently of the converter."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 

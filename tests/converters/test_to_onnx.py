@@ -280,8 +280,9 @@ def test_refusals_name_what_would_work(samples, tmp_path):
 @pytest.mark.parametrize("name", ["q-blora-nf4", "paper-qa-blora"])
 def test_requantize_is_rtn_of_exact_merge_and_reports_error(samples, export, name):
     job, out = export(samples / name, precision="int4", requantize=True)
-    meta = json.loads((out / "blora_export.json").read_text())["int4"]
-    assert meta["mode"] == "requantized" and meta["added_error_max_rel"] > 0.01
+    info = json.loads((out / "blora_export.json").read_text())
+    meta = info["int4"]
+    assert meta["mode"] == "requantized" and info["ptq_error"]["weight_max_rel"] > 0.01
     assert ("merge-then-quantize" in meta["note"]) == (job.ckpt.method == "q-blora")
     checks = to_onnx.open_artifact(out, job).layer_checks()
     assert not failed(checks)

@@ -2,7 +2,7 @@
 import pytest
 
 from blora_export.errors import BadInputError, UnsupportedError
-from blora_export.quant import fold_problems, runtime_fold_problems
+from blora_export.fold import fold_problems, runtime_fold_problems
 from blora_export.spec import MinMaxGrid, NF4Base
 from blora_export.train.config import TrainConfig, parse_target, resolve_spec
 

@@ -6,10 +6,10 @@ import torch
 from torch.nn import functional as F
 
 from blora_export.delta import adapter_forward, delta_weight
-from blora_export.nf4 import NF4Spec, nf4_roundtrip
+from blora_export.nf4 import nf4_roundtrip
 from blora_export.numerics import half_ulp_ratio
 from blora_export.quant import expand_blocks, fold_into_zero_points, quantize_minmax
-from blora_export.spec import MinMaxGrid
+from blora_export.spec import MinMaxGrid, NF4Base
 from blora_export.train.layers import BLoRALinear, BnbNF4Base, DenseBase, MinMaxBase
 
 GRIDS = [  # (grid, λi, λo): GGUF q4_1, an MLX 3-bit group 64 with λo = 1, the paper's 2-D 4x8 blocks
@@ -75,7 +75,7 @@ def test_branch_forward_is_the_core_reference(grid, li, lo):
 
 def test_q_blora_starts_as_the_base_with_peft_init():
     w = torch.randn(64, 128, generator=gen(0)) * 0.05
-    dense = nf4_roundtrip(w, NF4Spec(64, True))
+    dense = nf4_roundtrip(w, NF4Base(64, True))
     layer = BLoRALinear("m", DenseBase(dense), "q-blora", 2, 2, 2.0, 64, 128, inner_rank=16, generator=gen(1))
     assert layer.lora_A.shape == (16, 64) and layer.lora_B.shape == (32, 16)
     assert (layer.lora_B == 0).all()
@@ -92,7 +92,7 @@ def test_q_blora_starts_as_the_base_with_peft_init():
 def test_bitsandbytes_base_equals_the_core_nf4(double_quant):
     w = torch.randn(96, 128, generator=gen(0)) * 0.05
     bnb_base = BnbNF4Base(w, 64, double_quant)
-    core = DenseBase(nf4_roundtrip(w, NF4Spec(64, double_quant)))
+    core = DenseBase(nf4_roundtrip(w, NF4Base(64, double_quant)))
     assert torch.equal(bnb_base.dense_weight(), core.dense_weight())
     x1 = torch.randn(3, 128, generator=gen(1), requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)

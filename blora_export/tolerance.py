@@ -25,11 +25,24 @@ what the adapter does to the logits: ``verify`` reports a bound at or above
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from blora_export.numerics import LogitStats
+from .numerics import LogitStats
 
-from .base import Tolerance
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The end-to-end bound an artifact must meet, with the reason for it."""
+
+    max_rel: float  # max |Δlogit| / max |reference logit|
+    min_top1: float  # fraction of positions whose argmax must agree
+    basis: str  # why this bound (dtype, runtime noise, measured floor)
+
+    def to_json(self) -> dict:
+        return {"max_rel": self.max_rel, "min_top1": self.min_top1, "basis": self.basis}
+
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 

@@ -1,4 +1,7 @@
-"""The one small interface every output format implements.
+"""The shared types of an export: the job every converter receives, what it returns, and
+what ``verify`` reads back (an opened artifact and its per-layer checks).
+
+The one small interface every output format implements.
 
 A converter module (``converters/<format>.py``) exposes:
 
@@ -16,9 +19,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from blora_export.base import BaseModel
-from blora_export.checkpoint import Checkpoint
-from blora_export.merge import MergePlan
+from .base import BaseModel
+from .checkpoint import Checkpoint
+from .merge import MergePlan
+from .tolerance import Tolerance
 
 
 @dataclass(frozen=True)
@@ -42,18 +46,6 @@ class ExportResult:
 
     def to_json(self) -> dict:
         return {"format": self.format, "path": str(self.path), "seconds": round(self.seconds, 3), **self.details}
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """The end-to-end bound an artifact must meet, with the reason for it."""
-
-    max_rel: float  # max |Δlogit| / max |reference logit|
-    min_top1: float  # fraction of positions whose argmax must agree
-    basis: str  # why this bound (dtype, runtime noise, measured floor)
-
-    def to_json(self) -> dict:
-        return {"max_rel": self.max_rel, "min_top1": self.min_top1, "basis": self.basis}
 
 
 @dataclass(frozen=True)

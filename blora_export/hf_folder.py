@@ -1,0 +1,87 @@
+"""Writing a Hugging Face model folder: config, tokenizer files, sharded safetensors and the
+provenance record every artifact carries. Shared by every writer that emits such a folder."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .job import ExportJob
+
+PROVENANCE_FILE = "blora_export.json"
+
+
+def provenance(job: ExportJob, extra: dict | None = None) -> dict:
+    """What was exported from what: written beside every artifact."""
+    ckpt = job.ckpt
+    return {
+        "tool": "blora-export",
+        "method": ckpt.method,
+        "layout": ckpt.layout,
+        "lambda": sorted({f"{li}x{lo}" for li, lo in ckpt.lambdas.values()}),
+        "scaling": ckpt.scaling,
+        "rank": ckpt.rank,
+        "lora_alpha": ckpt.lora_alpha,
+        "use_rslora": ckpt.use_rslora,
+        "base_quant": None if ckpt.base_quant is None else ckpt.base_quant.to_json(),
+        "merge": job.plan.describe(),
+        "checkpoint_sha256": ckpt.sha256,
+        **(extra or {}),
+    }
+
+
+def write_hf_config(job: ExportJob, out: Path, dtype_name: str, extra: dict | None = None) -> None:
+    """``config.json`` of the base with the new dtype, plus tokenizer and provenance files."""
+    config = dict(job.base.config)
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = dtype_name
+    config["dtype"] = dtype_name
+    config.update(extra or {})
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for file in job.base.tokenizer_files():
+        shutil.copy2(file, out / file.name)
+
+
+def write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
+    """Write tensors into shards of at most ``max_shard_bytes``; return name -> file."""
+    shard: dict[str, torch.Tensor] = {}
+    size, files, weight_map = 0, [], {}
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            file = f"part-{len(files):05d}.safetensors"
+            save_file(shard, str(out / file), metadata={"format": "pt"})
+            files.append((file, list(shard)))
+            shard, size = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+        shard[name] = tensor.contiguous()
+        size += nbytes
+    flush()
+    if len(files) == 1:
+        (out / files[0][0]).rename(out / "model.safetensors")
+        return {name: "model.safetensors" for name in files[0][1]}
+    for i, (file, names) in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        (out / file).rename(out / final)
+        weight_map.update({name: final for name in names})
+    return weight_map
+
+
+def rope_overrides(config: dict) -> dict:
+    """The keys mlx-lm reads at the top level of config.json: transformers 5 nests ``rope_theta``
+    (and the rope type) in ``rope_parameters``, which mlx-lm 0.32 ignores (it would use its default)."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
+        return {}
+    extra = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return extra
