@@ -225,7 +225,10 @@ def llama_cpp_arithmetic(types: dict) -> Arithmetic:
     for name, qtype in types.items():
         if not name.endswith(".weight") or name == "model.embed_tokens.weight":
             continue  # get_rows reads the embeddings as stored; norms multiply in f32
-        gtype = TYPE_BY_QTYPE[qtype]
+        gtype = TYPE_BY_QTYPE.get(qtype)
+        if gtype is None:
+            raise UnsupportedError(f"{name} is stored as {qtype.name}: verify emulates llama.cpp for the types "
+                                   f"blora-export writes ({', '.join(GGUF_TYPES)})")
         rules[name[: -len(".weight")]] = (Rule("int8", 32) if gtype.quantized else
                                           NONE if gtype.float_dtype == torch.float32 else
                                           Rule("dtype", dtype=gtype.float_dtype))

@@ -49,7 +49,7 @@ def exported(samples, tmp_path_factory):
 def test_exported_folder_passes(samples, exported):
     report = api.verify(samples / "paper-q-blora", exported, quiet=True)
     assert report.passed and report.artifact == str(exported)
-    assert len(report.layers) == 28  # 14 branch checks + 14 stored-weight checks
+    assert len(report.layers) == 29  # 14 branch checks + config.json vs the base + 14 stored-weight checks
 
 
 @pytest.mark.parametrize("breakage", ["paper_merge_without_1_over_lambda", "adapter_dropped"])

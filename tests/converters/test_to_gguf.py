@@ -293,6 +293,8 @@ def test_quantized_embeddings_report_their_error(samples, tmp_path):
     types = {t.name: t.tensor_type for t in GGUFReader(str(out)).tensors}
     assert types["token_embd.weight"] == types["output.weight"] == gguf.GGMLQuantizationType.Q4_1
     report = api.verify(samples / "qa-blora-q4_1", out, quiet=True)  # bound: 4 x the same PTQ on the base
-    assert report.passed and "post-training quantization" in report.tolerance.basis, report.to_json()
-    # 4-bit embeddings of a tiny random model are lossy (measured 0.48 relative): verify says so
-    assert any("cannot tell" in note for note in report.notes)
+    assert report.logits_passed and "post-training quantization" in report.tolerance.basis, report.to_json()
+    # 4-bit embeddings of a tiny random model are lossy (measured 0.48 relative): the bound is as wide as the
+    # adapter's effect, so verify reports it inconclusive (exit 1), not PASS
+    assert report.inconclusive and not report.passed
+    assert any("inconclusive" in note for note in report.notes)
