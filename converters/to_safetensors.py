@@ -50,7 +50,7 @@ def detect(path: Path) -> bool:
         return False
     if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
         return False
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json")  # a damaged one is a one-line bad-input error
     return "quantization" not in config and "quantization_config" not in config
 
 
