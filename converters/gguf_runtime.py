@@ -135,8 +135,13 @@ def gguf_py_model_logits(path: Path, prompts: Sequence[Sequence[int]]) -> list[t
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    reader = GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    head_dim = _field(reader, f"{arch}.attention.key_length")  # transformers' loader does not read it
+    extra = {} if head_dim is None else {"head_dim": int(head_dim)}
     model = AutoModelForCausalLM.from_pretrained(str(path.parent.resolve()), gguf_file=str(path.resolve()),
-                                                 dtype=torch.float32, device_map="cpu").eval()
+                                                 dtype=torch.float32, device_map="cpu", **extra).eval()
+    _apply_rope_freqs(model, reader, path)
     try:
         return model_logits(model, prompts)
     finally:
@@ -240,6 +245,21 @@ def _exact_tolerance(info: GGUFInfo, job: ExportJob) -> Optional[Tolerance]:
     if info.encoding == "fold":
         return fold_tolerance(job)
     return tolerance_for_dtype(GGUF_TYPES[info.type_name].float_dtype)
+
+
+def _apply_rope_freqs(model, reader: GGUFReader, path: Path) -> None:
+    """transformers' GGUF loader ignores ``rope_freqs.weight`` (Llama 3.x rope): divide its rotary
+    frequencies by the file's factors, as llama.cpp does."""
+    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return
+    factors = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
+    rotary = model.model.rotary_emb
+    if rotary.inv_freq.shape != factors.shape:
+        raise BadInputError(f"{path}: rope_freqs.weight has {factors.numel()} values, the model "
+                            f"{rotary.inv_freq.numel()} rotary frequencies")
+    rotary.inv_freq = rotary.inv_freq / factors
+    rotary.original_inv_freq = rotary.inv_freq
 
 
 def open_gguf(path: Path, job: ExportJob, runtime: Optional[str]) -> Artifact:

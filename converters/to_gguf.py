@@ -148,18 +148,21 @@ def _export_model(job: ExportJob, out: Path, arch: ArchSpec, hp: HParams, gtype:
     content = "base" if base_only else "model"
     summary: dict = {}
 
+    window = window_note(hp)
+    extra = {"attention_window": window} if window else {}
+
     def write_kv(writer: GGUFWriter) -> None:
         _write_general(writer, job, "model", content, gtype)
         write_hparams(writer, hp, job.base.config, rows)
         summary.update(write_tokenizer(writer, job.base.path, rows))
         write_provenance(writer, provenance(job, {"format": NAME, "content": content, "type": gtype.name,
-                                                  "encoding": encoding, "encoding_detail": how}))
+                                                  "encoding": encoding, "encoding_detail": how, **extra}))
 
     _write_gguf(out, arch, write_kv, specs, lambda s: encode_tensor(s, ctx), job.progress)
     details = {"architecture": arch.name, "content": content, "type": gtype.name, "encoding": encoding,
                "linear_weights": how, "tensors": len(specs), "tied_output": hp.tied,
                "embeddings": next(s.gtype.name for s in specs if s.name == "token_embd.weight"),
-               "norms": "f32", "tokenizer": summary, "merge": job.plan.describe()}
+               "norms": "f32", "tokenizer": summary, "merge": job.plan.describe(), **extra}
     if ctx.ptq.tensors:
         details["ptq_error"] = ctx.ptq.to_json()
     if ctx.embed_ptq.tensors:
@@ -167,6 +170,18 @@ def _export_model(job: ExportJob, out: Path, arch: ArchSpec, hp: HParams, gtype:
     if base_only:
         details["note"] = "the base the adapter was trained against, without the adapter (for --adapter-only)"
     return details
+
+
+def window_note(hp: HParams) -> str:
+    """Mistral's attention window: llama.cpp's llama graph has none, so the file's context is capped
+    at the window, where both attend to every earlier token (the exact equivalent); said once."""
+    if hp.window is None:
+        return ""
+    note = (f"context_length capped at the attention window ({hp.window} < max_position_embeddings "
+            f"{hp.context}): llama.cpp's llama graph has no sliding window, and within the window both attend "
+            "to every earlier token; longer prompts would compute a different model")
+    log.warning("%s", note)
+    return note
 
 
 def adapter_rank(module: AdapterModule) -> int:
