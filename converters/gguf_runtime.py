@@ -53,6 +53,7 @@ from blora_export.reference import (
 from blora_export.tolerance import Tolerance, tolerance_for_dtype
 
 from .gguf_checks import layer_checks, lora_pairs
+from .gguf_kquant import ENCODING as KQUANT_ENCODING
 from .gguf_quants import GGUF_TYPES, TYPE_BY_QTYPE
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,8 @@ def _write_base(job: ExportJob, out: Path, info: GGUFInfo) -> None:
     if info.content == "adapter":
         export(quiet, out, gguf_type="f32", base_only=True)
     else:
-        export(quiet, out, gguf_type=info.type_name, base_only=True, quantize_embeddings=info.embeddings_quantized,
+        export(quiet, out, gguf_type=info.type_name, base_only=True,
+               quantize_embeddings=info.embeddings_quantized and info.encoding != KQUANT_ENCODING,
                force_requantize=info.encoding == "requantize")
 
 
@@ -240,7 +242,7 @@ def fold_tolerance(job: ExportJob) -> Tolerance:
 
 def _exact_tolerance(info: GGUFInfo, job: ExportJob) -> Optional[Tolerance]:
     """The bound for gguf-py's exact dequantization, when the file holds no post-training quantization."""
-    if info.embeddings_quantized or info.encoding == "requantize":
+    if info.embeddings_quantized or info.encoding in ("requantize", KQUANT_ENCODING):
         return None
     if info.encoding == "fold":
         return fold_tolerance(job)
@@ -273,7 +275,7 @@ def open_gguf(path: Path, job: ExportJob, runtime: Optional[str]) -> Artifact:
     notes = []
     if info.checkpoint_sha256 and info.checkpoint_sha256 != job.ckpt.sha256:
         notes.append(f"{path.name} was written from another checkpoint (sha256 {info.checkpoint_sha256[:12]}...)")
-    if info.encoding == "requantize" or info.embeddings_quantized:
+    if info.encoding in ("requantize", KQUANT_ENCODING) or info.embeddings_quantized:
         notes.append("post-training quantization: the file approximates the trained function (the export's "
                      "ptq_error gives the weight error); the bound is what the same re-quantization costs the "
                      "base alone, so a failure here is the error the re-quantization adds because of the adapter")
@@ -301,9 +303,9 @@ def _gguf_py(path: Path, job: ExportJob, info: GGUFInfo):
 
 
 def _llama_cpp(path: Path, job: ExportJob, info: GGUFInfo):
-    float_type = GGUF_TYPES[info.type_name]
-    exact = tolerance_for_dtype(torch.float16 if float_type.quantized or info.embeddings_quantized
-                                else float_type.float_dtype)
+    float_type = GGUF_TYPES.get(info.type_name)  # None: a K-quant mix made by llama.cpp
+    exact = tolerance_for_dtype(torch.float16 if float_type is None or float_type.quantized
+                                or info.embeddings_quantized else float_type.float_dtype)
     floor = _floor(job, info, llama_cpp_logits)
     tolerance = floor_tolerance(floor, "llama.cpp", exact)
     if info.content != "adapter":

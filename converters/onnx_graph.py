@@ -5,7 +5,8 @@ in plain opset-21 operators (plus ``com.microsoft::MatMulNBits`` for int4 weight
 output is deterministic and needs neither ``torch.onnx`` nor a model builder. It mirrors
 transformers' modeling code, in float32 activations:
 
-* RMSNorm ``x / sqrt(mean(x²) + eps) * w`` (also per head on q and k where the family has q/k norms); rotary embedding ``x·cos + rotate_half(x)·sin`` with
+* RMSNorm ``x / sqrt(mean(x²) + eps) * w`` (also per head on q and k where the family has q/k
+  norms); rotary embedding ``x·cos + rotate_half(x)·sin`` with
   ``inv_freq`` computed exactly as transformers does (float32), ``cos/sin`` from ``position_ids``;
 * grouped-query attention without repeating K/V: queries are viewed as
   ``[B, n_kv, n_rep·S, d]`` (query head ``h`` uses K/V head ``h // n_rep``, as ``repeat_kv``);

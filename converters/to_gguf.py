@@ -36,6 +36,7 @@ from blora_export.io import atomic_file
 from blora_export.job import Artifact, ExportJob, ExportResult
 from blora_export.ptq import PtqError
 
+from .gguf_kquant import ENCODING, KQUANT_TYPES, export_kquant
 from .gguf_model import (
     ArchSpec,
     EncodeContext,
@@ -64,7 +65,7 @@ def _gguf_type(name: str | None, job: ExportJob) -> GGUFType:
     if name is None:
         return default_type(job)
     if name not in GGUF_TYPES:
-        raise UnsupportedError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {name!r}")
+        raise UnsupportedError(f"--type must be one of {', '.join([*GGUF_TYPES, *KQUANT_TYPES])}, got {name!r}")
     return GGUF_TYPES[name]
 
 
@@ -126,7 +127,18 @@ def export(job: ExportJob, out: Path, gguf_type: str | None = None, adapter_only
         raise UnsupportedError("--adapter-only and --base-only write two different files: run to-gguf twice")
     arch = arch_spec(job.base.model_type)
     hp = HParams.from_config(job.base.config)
-    if adapter_only:
+    if gguf_type in KQUANT_TYPES and not adapter_only:
+        if quantize_embeddings:
+            raise UnsupportedError(f"--type {gguf_type} is llama.cpp's mix: it chooses the embedding types itself; "
+                                   "drop --quantize-embeddings")
+        kquant = KQUANT_TYPES[gguf_type]
+        label = {"type": kquant.name, "encoding": ENCODING,
+                 "encoding_detail": f"post-training quantization by llama.cpp's llama_model_quantize ({kquant.ftype}) "
+                                    "of the exactly merged f32 model"}
+        encoding = ("float", "trained base + ΔW from float64, correctly rounded to f32 (llama.cpp's quantizer input)")
+        details = export_kquant(Path(out), kquant, lambda src: _export_model(
+            job, src, arch, hp, GGUF_TYPES["f32"], encoding, False, base_only, label))
+    elif adapter_only:
         if requantize or quantize_embeddings or force_requantize:
             raise UnsupportedError("--requantize and --quantize-embeddings apply to full models, not --adapter-only")
         details = _export_adapter(job, Path(out), arch, hp, gguf_type)
@@ -140,7 +152,8 @@ def export(job: ExportJob, out: Path, gguf_type: str | None = None, adapter_only
 
 
 def _export_model(job: ExportJob, out: Path, arch: ArchSpec, hp: HParams, gtype: GGUFType, encoding: tuple[str, str],
-                  quantize_embeddings: bool, base_only: bool) -> dict:
+                  quantize_embeddings: bool, base_only: bool, label: dict | None = None) -> dict:
+    """A complete model file; ``label`` overrides the provenance's type/encoding (the f32 input of a K-quant)."""
     encoding, how = encoding
     specs = tensor_plan(job, arch, hp, gtype, quantize_embeddings)
     rows = next(s.shape[0] for s in specs if s.name == "token_embd.weight")
@@ -156,7 +169,8 @@ def _export_model(job: ExportJob, out: Path, arch: ArchSpec, hp: HParams, gtype:
         write_hparams(writer, hp, job.base.config, rows)
         summary.update(write_tokenizer(writer, job.base.path, rows))
         write_provenance(writer, provenance(job, {"format": NAME, "content": content, "type": gtype.name,
-                                                  "encoding": encoding, "encoding_detail": how, **extra}))
+                                                  "encoding": encoding, "encoding_detail": how, **extra,
+                                                  **(label or {})}))
 
     _write_gguf(out, arch, write_kv, specs, lambda s: encode_tensor(s, ctx), job.progress)
     details = {"architecture": arch.name, "content": content, "type": gtype.name, "encoding": encoding,
