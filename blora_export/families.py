@@ -38,8 +38,14 @@ class Family:
     fused: tuple[str, ...] = ()
     rope_types: tuple[str, ...] = ("default", "linear")
     window_key: Optional[str] = None
-    attn_softcap: Optional[str] = None
+    attn_softcap: Optional[str] = None  # config keys of Gemma 2's logit softcaps
     final_softcap: Optional[str] = None
+
+    def unimplemented(self) -> list[str]:
+        """Conventions of this row that no writer implements yet (a row that sets one is refused)."""
+        return [name for name, value in (("norm offset", self.norm_offset), ("embedding scale", self.embedding_scale),
+                                         ("fused projections", self.fused), ("attention softcap", self.attn_softcap),
+                                         ("final logit softcap", self.final_softcap)) if value]
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -51,7 +57,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen2", "QWEN2", permute_qk=False, genai_type="qwen2", mlx_model="qwen2"),
     Family("qwen3", "QWEN3", permute_qk=False, genai_type="qwen3", mlx_model="qwen3", qk_norm=True),
 )}
-SUPPORTED = tuple(FAMILIES)
+SUPPORTED = tuple(m for m, f in FAMILIES.items() if not f.unimplemented())
 
 
 def family(model_type: Optional[str]) -> Family:
@@ -59,7 +65,10 @@ def family(model_type: Optional[str]) -> Family:
     if model_type not in FAMILIES:
         raise UnsupportedError(f"base model architecture {model_type!r} is not supported; "
                                f"supported: {', '.join(SUPPORTED)}")
-    return FAMILIES[model_type]
+    row = FAMILIES[model_type]
+    if row.unimplemented():
+        raise UnsupportedError(f"{model_type}: the writers do not implement its {', '.join(row.unimplemented())} yet")
+    return row
 
 
 def head_dim(config: dict) -> int:
