@@ -6,13 +6,15 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .base import BaseModel
-from .checkpoint import Checkpoint, load_checkpoint
+from .base import BaseModel, read_json
+from .checkpoint import ADAPTER_CONFIG, Checkpoint, load_checkpoint, resolve_base_path
+from .enums import Format
 from .errors import BadInputError
+from .io import check_output as guard_output
 from .io import progress_factory
 from .job import ExportJob, ExportResult
 from .merge import resolve_merge_plan
-from .reference import DEFAULT_PROMPTS
+from .reference import DEFAULT_PROMPTS, Prompt
 from .verify import VerifyReport, run_verify
 
 log = logging.getLogger(__name__)
@@ -28,31 +30,47 @@ def open_job(ckpt: str | Path, base: str | Path | None = None, merge_into: Optio
     return ExportJob(ckpt=checkpoint, base=base_model, plan=plan, progress=progress_factory(quiet))
 
 
-def check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    """Refuse an output that exists (unless ``overwrite``) or that is, holds or lies in an input."""
-    target = out.resolve()
-    for src in inputs:
-        src = src.resolve()
-        if target == src or target in src.parents or src in target.parents:
-            raise BadInputError(f"output {out} would overwrite or lie inside the input {src}; choose another path")
-    if out.exists() and not overwrite:
-        raise BadInputError(f"output {out} exists; pass --overwrite to replace it")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise BadInputError(f"output {out}: {out.parent} is not a folder")
+FILE_FORMATS = (Format.GGUF,)  # formats whose output is one file; the others write a folder
+
+
+def source_paths(ckpt: str | Path, base: str | Path | None = None) -> list[Path]:
+    """What a command on ``ckpt`` reads: the checkpoint folder and its base folder (``--base`` or the one
+    ``adapter_config.json`` names, when that can be resolved now; if not, loading reports why)."""
+    paths = [Path(ckpt)]
+    if base is not None:
+        return paths + [Path(base)]
+    try:
+        paths.append(resolve_base_path(Path(ckpt), read_json(Path(ckpt) / ADAPTER_CONFIG), None))
+    except BadInputError:
+        pass
+    return paths
+
+
+def check_report(path: str | Path | None, inputs: Sequence[Path], outputs: Sequence[Path] = ()) -> None:
+    """``--json PATH``: a file that is no input and no other output of the command (``-``: stdout)."""
+    if path is None or str(path) == "-":
+        return
+    guard_output(path, inputs, what="--json", overwrite=True, kind="file", outputs=outputs)
 
 
 def export(ckpt: str | Path, out: str | Path, format: str, base: str | Path | None = None,
-           merge_into: Optional[str] = None, quiet: bool = False, overwrite: bool = False, **options) -> ExportResult:
+           merge_into: Optional[str] = None, quiet: bool = False, overwrite: bool = False,
+           report: str | Path | None = None, **options) -> ExportResult:
     """Export a checkpoint to ``format`` (``safetensors``, ``gguf``, ``onnx``, ``mlx``, ``peft``).
 
     An existing ``out`` is replaced only with ``overwrite=True``, and never when it is (or
-    holds, or lies inside) the checkpoint or the base.
+    holds, or lies inside) the checkpoint or the base. ``report`` (the CLI's ``--json``) is a
+    file the caller writes afterwards: checked now, before the export's work.
     """
     from converters import converter
 
     module = converter(format)
+    kind = "file" if format in FILE_FORMATS else "dir"
+    sources = source_paths(ckpt, base)
+    guard_output(out, sources, overwrite=overwrite, kind=kind)
+    check_report(report, sources, [Path(out)])
     job = open_job(ckpt, base, merge_into, quiet)
-    check_output(Path(out), [job.ckpt.path, job.base.path], overwrite)
+    guard_output(out, [job.ckpt.path, job.base.path], overwrite=overwrite, kind=kind)
     result = module.export(job, Path(out), **options)
     log.info("wrote %s (%s) in %.1f s", result.path, result.format, result.seconds)
     return result
@@ -63,9 +81,10 @@ def read_prompts(path: str | Path | None) -> Sequence[str]:
     if path is None:
         return DEFAULT_PROMPTS
     try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInputError(f"cannot read prompts from {path} ({exc})") from None
+    lines = [Prompt(ln.strip(), f"{path}:{n}") for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
     if not lines:
         raise BadInputError(f"{path} holds no prompts (one per line)")
     return lines

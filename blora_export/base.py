@@ -114,7 +114,7 @@ class BaseModel(TensorFolder):
         model = cls(path=path, config=config, shards=index_shards(path))
         problems = model.config_problems()
         if problems:
-            raise problems_error(f"base model {path}: config.json disagrees with the weights", problems)
+            raise problems_error(f"base model {config_file}: inconsistent with itself or the weights", problems)
         return model
 
     def config_problems(self) -> list[str]:
@@ -125,9 +125,10 @@ class BaseModel(TensorFolder):
                 problems.append(f"{key} must be a whole number >= 1, got {cfg.get(key)!r}")
         if problems:
             return problems
+        problems += self._head_problems()
         embed = "model.embed_tokens.weight"
         if embed not in self.shards:
-            return [f"no {embed}"]
+            return problems + [f"no {embed}"]
         rows, cols = self.shape(embed)
         if (rows, cols) != (cfg["vocab_size"], cfg["hidden_size"]):
             problems.append(f"{embed} is [{rows}, {cols}] but vocab_size, hidden_size = "
@@ -140,6 +141,27 @@ class BaseModel(TensorFolder):
             problems.append("no model.norm.weight")
         if not cfg.get("tie_word_embeddings", False) and "lm_head.weight" not in self.shards:
             problems.append("no lm_head.weight and tie_word_embeddings is false")
+        return problems
+
+    def _head_problems(self) -> list[str]:
+        """Attention heads: KV heads divide the heads, and the q/k projections have their rows."""
+        cfg, problems = self.config, []
+        heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv < 1:
+            return [f"num_key_value_heads must be a whole number >= 1, got {kv!r}"]
+        if heads % kv:
+            problems.append(f"num_key_value_heads {kv} does not divide num_attention_heads {heads}")
+        if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1:
+            return problems + [f"head_dim must be a whole number >= 1, got {head_dim!r}"]
+        if not cfg.get("head_dim") and cfg["hidden_size"] % heads:
+            problems.append(f"num_attention_heads {heads} does not divide hidden_size {cfg['hidden_size']} "
+                            "(and no head_dim is given)")
+        for proj, n in (("q_proj", heads), ("k_proj", kv), ("v_proj", kv)):
+            name = f"model.layers.0.self_attn.{proj}.weight"
+            if name in self.shards and self.shape(name)[0] != n * head_dim:
+                problems.append(f"{name} has {self.shape(name)[0]} rows but {n} heads x head_dim {head_dim} "
+                                f"= {n * head_dim}")
         return problems
 
     @property

@@ -136,12 +136,14 @@ def _read_adapter_config(ckpt_dir: Path) -> dict:
 
 
 def _rank_alpha(ckpt_dir: Path, cfg: dict) -> tuple[int, float, bool]:
-    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    problems = []
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    problems = [f"no {key} (the scaling is lora_alpha / r: a default would silently change it)"
+                for key in ("r", "lora_alpha") if key not in cfg]
+    if "r" in cfg and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
         problems.append(f"r must be a whole number >= 1, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        problems.append(f"lora_alpha must be a finite number, got {alpha!r}")
+    if "lora_alpha" in cfg and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)
+                                or not math.isfinite(alpha) or alpha <= 0):
+        problems.append(f"lora_alpha must be a finite number > 0, got {alpha!r}")
     rslora = cfg.get("use_rslora", False)
     if not isinstance(rslora, bool):
         problems.append(f"use_rslora must be true or false, got {rslora!r}")

@@ -5,6 +5,7 @@ Exit codes: 0 success (verify: passed), 1 verify found a numerical failure,
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -12,9 +13,11 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import api
 from .errors import BloraError
+from .io import write_text
 
 log = logging.getLogger("blora_export")
 EXIT_INTERNAL = 3
@@ -32,7 +35,16 @@ def _emit_json(data: dict, target: str | None) -> None:
     if target == "-":
         click.echo(text)
     elif target:
-        Path(target).write_text(text + "\n")
+        write_text(target, text + "\n")
+
+
+def refuse_inapplicable(applies: bool, where: str, *names: str) -> None:
+    """Options given on the command line that do nothing for the chosen format: a usage error (exit 2)."""
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params if p.name in names
+             and ctx.get_parameter_source(p.name) not in (None, ParameterSource.DEFAULT)]
+    if given and not applies:
+        raise click.UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to {where} only")
 
 
 def common(func):
@@ -42,8 +54,25 @@ def common(func):
     @functools.wraps(func)
     def wrapper(*args, quiet: bool, debug: bool, **kwargs):
         _setup_logging(quiet, debug)
-        return func(*args, quiet=quiet, **kwargs)
+        with no_progress_bars(quiet):
+            return func(*args, quiet=quiet, **kwargs)
     return wrapper
+
+
+@contextlib.contextmanager
+def no_progress_bars(quiet: bool):
+    """--quiet: also the bars libraries draw with tqdm themselves (transformers' GGUF loader), for the command."""
+    if not quiet:
+        yield
+        return
+    from tqdm import std
+
+    init = std.tqdm.__init__
+    std.tqdm.__init__ = functools.partialmethod(init, disable=True)
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init
 
 
 def source_options(func):
@@ -86,6 +115,7 @@ def cli() -> None:
 @common
 def inspect(ckpt, base, json_out, quiet):
     """Method, λ per module, rank, scaling, base and base quantization of a checkpoint."""
+    api.check_report(json_out, api.source_paths(ckpt, base))
     info = api.inspect(ckpt, base)
     if json_out:
         _emit_json(info, json_out)
@@ -121,6 +151,10 @@ def verify(ckpt, artifact, base, merge_into, prompts, dtype, runtime, json_out, 
     """
     from .verify import format_report
 
+    refuse_inapplicable(artifact is None, "verify without ARTIFACT (the in-memory merge)", "dtype")
+    refuse_inapplicable(artifact is not None, "verify with an ARTIFACT", "runtime")
+    reads = [*api.source_paths(ckpt, base), *(Path(p) for p in (artifact, prompts) if p is not None)]
+    api.check_report(json_out, reads)
     options = {"runtime": runtime} if runtime else {}
     report = api.verify(ckpt, artifact, base=base, prompts=api.read_prompts(prompts), dtype=dtype,
                         merge_into=merge_into, quiet=quiet, **options)
@@ -157,11 +191,14 @@ def verify(ckpt, artifact, base, merge_into, prompts, dtype, runtime, json_out, 
 def to_safetensors(ckpt, out_dir, base, merge_into, layout, dtype, max_shard_size, bits, group_size, bias_dtype,
                    requantize, overwrite, json_out, quiet):
     """Write a merged Hugging Face folder, or (--layout mlx) a low-bit mlx-lm folder."""
+    refuse_inapplicable(layout == "mlx", "--layout mlx", "bits", "group_size", "bias_dtype", "requantize")
+    refuse_inapplicable(layout == "hf", "--layout hf", "dtype", "max_shard_size")
+    common_args = dict(base=base, merge_into=merge_into, quiet=quiet, overwrite=overwrite, report=json_out)
     if layout == "hf":
-        result = api.export(ckpt, out_dir, "safetensors", base=base, merge_into=merge_into, quiet=quiet, overwrite=overwrite,
+        result = api.export(ckpt, out_dir, "safetensors", **common_args,
                             dtype=dtype, max_shard_bytes=max_shard_size * 1024**2)
     else:
-        result = api.export(ckpt, out_dir, "mlx", base=base, merge_into=merge_into, quiet=quiet, overwrite=overwrite,
+        result = api.export(ckpt, out_dir, "mlx", **common_args,
                             bits=int(bits) if bits else None, group_size=int(group_size) if group_size else None,
                             bias_dtype=bias_dtype, requantize=requantize)
     report_export(result, json_out, quiet)
@@ -193,7 +230,9 @@ GGUF_KQUANTS = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_
 def to_gguf(ckpt, out_file, base, merge_into, gguf_type, adapter_only, base_only, requantize, quantize_embeddings,
             overwrite, json_out, quiet):
     """Write a GGUF model (or LoRA adapter) that llama.cpp runs."""
+    refuse_inapplicable(not adapter_only, "full models (not --adapter-only)", "requantize", "quantize_embeddings")
     result = api.export(ckpt, out_file, "gguf", base=base, merge_into=merge_into, quiet=quiet, overwrite=overwrite,
+                        report=json_out,
                         gguf_type=gguf_type, adapter_only=adapter_only, base_only=base_only, requantize=requantize,
                         quantize_embeddings=quantize_embeddings)
     report_export(result, json_out, quiet)
@@ -216,7 +255,9 @@ def to_gguf(ckpt, out_file, base, merge_into, gguf_type, adapter_only, base_only
 def to_onnx(ckpt, out_dir, base, merge_into, precision, block_size, accuracy_level, requantize, overwrite, json_out,
             quiet):
     """Write an ONNX decoder with KV cache (plus genai_config.json) for onnxruntime."""
+    refuse_inapplicable(precision == "int4", "--precision int4", "block_size", "accuracy_level", "requantize")
     result = api.export(ckpt, out_dir, "onnx", base=base, merge_into=merge_into, quiet=quiet, overwrite=overwrite,
+                        report=json_out,
                         precision=precision, block_size=int(block_size) if block_size else None,
                         accuracy_level=int(accuracy_level), requantize=requantize)
     report_export(result, json_out, quiet)
@@ -233,7 +274,8 @@ def to_onnx(ckpt, out_dir, base, merge_into, precision, block_size, accuracy_lev
 @common
 def to_peft(ckpt, out_dir, base, layout, overwrite, json_out, quiet):
     """Write the adapter as a standard, hot-swappable LoRA adapter (exact)."""
-    result = api.export(ckpt, out_dir, "peft", base=base, quiet=quiet, overwrite=overwrite, layout=layout)
+    result = api.export(ckpt, out_dir, "peft", base=base, quiet=quiet, overwrite=overwrite, layout=layout,
+                        report=json_out)
     report_export(result, json_out, quiet)
 
 
@@ -273,6 +315,7 @@ def train(base, data, out, method, lambda_, lambda_in, lambda_out, target, rank,
     from .train import TrainConfig
     from .train import train as run_training
 
+    api.check_report(json_out, [Path(base), Path(data)], [Path(out)])
     result = run_training(TrainConfig(
         base=Path(base), data=Path(data), out=Path(out), method=method, lambda_=lambda_, lambda_in=lambda_in,
         lambda_out=lambda_out, target=target, rank=rank, alpha=alpha, steps=steps, lr=lr, batch_size=batch_size,
@@ -290,6 +333,11 @@ def train(base, data, out, method, lambda_, lambda_in, lambda_out, target, rank,
                    f"{summary['mean_tokens_per_s'] or 0:.0f} tokens/s on {summary['device']} x{summary['world_size']}")
 
 
+def one_line(message) -> str:
+    """An error message on one line: a library's multi-line text joined with '; '."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def main(argv=None) -> None:
     """Entry point: one-line errors, never a traceback (unless --debug)."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -299,12 +347,12 @@ def main(argv=None) -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:  # usage errors: one line, like every other error
-        click.echo(f"error: {exc.format_message()} (see --help)", err=True)
+        click.echo(f"error: {one_line(exc.format_message())} (see --help)", err=True)
         sys.exit(2)
     except BloraError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {one_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -312,12 +360,12 @@ def main(argv=None) -> None:
     except (OSError, MemoryError) as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {one_line(exc)}", err=True)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
         if debug:
             raise
-        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        click.echo(f"internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for the traceback)", err=True)
         sys.exit(EXIT_INTERNAL)
 
 

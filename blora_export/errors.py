@@ -34,3 +34,8 @@ def problems_error(subject: str, problems: list[str]) -> BadInputError:
     shown = "; ".join(problems[:8])
     more = f"; ... and {len(problems) - 8} more" if len(problems) > 8 else ""
     return BadInputError(head + shown + more)
+
+
+class OutputError(BloraError):
+    """An output that must not or cannot be written: it is (or holds, or lies in) an input, it
+    exists without --overwrite, its folder is not writable, or the disk filled up while writing."""

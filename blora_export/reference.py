@@ -51,16 +51,49 @@ def load_hf_model(path, dtype: torch.dtype = torch.float32):
     return model
 
 
+PROBE_TEXT = "Hello world"
+
+
+class Prompt(str):
+    """A prompt that remembers where it was read (``FILE:LINE``), for error messages."""
+
+    where: str
+
+    def __new__(cls, text: str, where: str) -> "Prompt":
+        obj = super().__new__(cls, text)
+        obj.where = where
+        return obj
+
+
 def load_tokenizer(path):
+    """The base's Hugging Face tokenizer; one that encodes plain text to no tokens is bad input."""
     from transformers import AutoTokenizer
 
     with _load_errors(f"cannot load the tokenizer in {path}"):
-        return AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path))
+        probe = list(tok(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    if not probe:
+        raise BadInputError(f"the tokenizer in {path} encodes {PROBE_TEXT!r} to no tokens: its vocabulary or "
+                            "model is empty or broken (tokenizer.json / tokenizer.model)")
+    return tok
 
 
 def tokenize_prompts(base: BaseModel, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt; an empty one, or one longer than the model's context, is bad input."""
     tok = load_tokenizer(base.path)
-    return [list(tok(p)["input_ids"]) for p in prompts]
+    context = base.config.get("max_position_embeddings")
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = list(tok(prompt)["input_ids"])
+        where = getattr(prompt, "where", f"prompt {i + 1}")
+        if not ids:
+            raise BadInputError(f"{where}: the prompt encodes to no tokens")
+        if isinstance(context, int) and len(ids) > context:
+            raise BadInputError(f"{where}: the prompt is {len(ids)} tokens ({len(prompt)} characters), longer than "
+                                f"the model's context (max_position_embeddings {context} in {base.path / 'config.json'}); "
+                                "shorten or split it")
+        out.append(ids)
+    return out
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import torch
 from gguf import GGML_QUANT_VERSION, GGUFWriter
 
 from blora_export.delta import AdapterModule, lora_factors
-from blora_export.errors import UnsupportedError
+from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.hf_folder import provenance
 from blora_export.io import atomic_file
 from blora_export.job import Artifact, ExportJob, ExportResult
@@ -262,11 +262,16 @@ def _export_adapter(job: ExportJob, out: Path, arch: ArchSpec, hp: HParams, type
 
 
 def detect(path: Path) -> bool:
+    """A file that starts with the GGUF magic; a ``.gguf`` file that does not is bad input."""
     path = Path(path)
     if not path.is_file():
         return False
     with open(path, "rb") as fh:
-        return fh.read(4) == MAGIC
+        head = fh.read(4)
+    if head != MAGIC and path.suffix.lower() == ".gguf":
+        what = "it is empty" if not head else f"it starts with {head!r}, not the GGUF magic {MAGIC!r}"
+        raise BadInputError(f"{path} is not a GGUF file: {what} (a truncated or failed download or export?)")
+    return head == MAGIC
 
 
 def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Artifact:

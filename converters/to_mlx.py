@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from blora_export.base import TensorFolder
+from blora_export.base import TensorFolder, read_json
 from blora_export.delta import delta_weight
 from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.families import attention_window
@@ -257,7 +257,12 @@ def detect(path: Path) -> bool:
 
 def artifact_plan(path: Path, job: ExportJob) -> MlxPlan:
     """Read bits, group size and scale dtype from the folder; the route follows from the checkpoint."""
-    quant = json.loads((Path(path) / "config.json").read_text())["quantization"]
+    quant = read_json(Path(path) / "config.json")["quantization"]
+    bad = [f"{key} {quant.get(key)!r}" for key in ("bits", "group_size")
+           if not isinstance(quant.get(key), int) or isinstance(quant.get(key), bool)]
+    if bad:
+        raise BadInputError(f"{Path(path) / 'config.json'}: quantization has {', '.join(bad)}; bits and group_size "
+                            "must be whole numbers (MLX affine: bits 2-8, group_size 32, 64 or 128)")
     files = TensorFolder.open(Path(path))
     first = next((n for n in job.base.linear_names() if files.get(n[: -len(".weight")] + ".scales") is not None), None)
     if first is None:

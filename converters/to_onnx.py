@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blora_export.base import read_json
 from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.families import family
 from blora_export.fold import fold_obstacles, fold_refusal, onnx_grid
@@ -104,8 +105,9 @@ def int4_weights(job: ExportJob, block_size, accuracy_level: int, requantize: bo
                                         "added error) or use --precision fp16"))
 
 
-def onnx_session(model_path: Path):
-    """A CPU onnxruntime session (this is also how an export is validated)."""
+def onnx_session(model_path: Path, shown: Path | None = None):
+    """A CPU onnxruntime session (this is also how an export is validated); errors name ``shown``
+    (the export's real output path, not the temporary folder it is written in)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -113,7 +115,7 @@ def onnx_session(model_path: Path):
     try:
         return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise BadInputError(f"onnxruntime cannot load {model_path}: {exc}") from None
+        raise BadInputError(f"onnxruntime cannot load {shown or model_path}: {exc}") from None
 
 
 def run_decoder(session, decoder: dict, ids, past: list | None = None) -> tuple[np.ndarray, list]:
@@ -170,7 +172,7 @@ def genai_config(job: ExportJob, spec: DecoderSpec) -> dict:
     """``genai_config.json`` for onnxruntime-genai (names as in its model builder)."""
     config = dict(job.base.config)
     gen_file = job.base.path / "generation_config.json"
-    config.update({k: v for k, v in (json.loads(gen_file.read_text()) if gen_file.is_file() else {}).items()
+    config.update({k: v for k, v in (read_json(gen_file) if gen_file.is_file() else {}).items()
                    if k in ("bos_token_id", "eos_token_id", "pad_token_id") and v is not None})
     eos = config.get("eos_token_id")
     if eos is None:
@@ -212,7 +214,7 @@ def export(job: ExportJob, out: Path, precision: str = "fp32", block_size=None, 
             external = store.finish(INLINE_LIMIT)
         model.graph.initializer.extend(store.protos)
         (tmp / MODEL_FILE).write_bytes(model.SerializeToString())
-        onnx_session(tmp / MODEL_FILE)  # validation: onnxruntime must load it
+        onnx_session(tmp / MODEL_FILE, Path(out) / MODEL_FILE)  # validation: onnxruntime must load it
         (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(job, spec), indent=2) + "\n")
         for file in job.base.tokenizer_files():
             shutil.copy2(file, tmp / file.name)
@@ -251,11 +253,42 @@ def artifact_tolerance(meta: dict) -> Tolerance:
     return tolerance_for_dtype(PRECISIONS.get(precision) or torch.float32)
 
 
+INT4_META = {"mode": ("exact", "requantized"), "accuracy_level": ACCURACY_LEVELS, "block_size": BLOCK_SIZES}
+
+
 def read_meta(path: Path) -> dict:
+    """The export's provenance (``blora_export.json``): how the folder was written, checked."""
     file = path / PROVENANCE_FILE
     if not file.is_file():
         raise BadInputError(f"{path} has no {PROVENANCE_FILE}: verify needs to know how blora-export wrote it")
-    return json.loads(file.read_text())
+    meta = read_json(file)
+    if meta.get("precision") not in PRECISIONS:
+        raise BadInputError(f"{file}: precision must be one of {', '.join(PRECISIONS)}, got {meta.get('precision')!r}")
+    if meta["precision"] == "int4":
+        int4 = meta.get("int4")
+        if not isinstance(int4, dict):
+            raise BadInputError(f"{file}: precision int4 but no 'int4' block (mode, block_size, accuracy_level)")
+        bad = [f"{k} {int4.get(k)!r} (expected one of {', '.join(map(str, allowed))})"
+               for k, allowed in INT4_META.items() if int4.get(k) not in allowed or isinstance(int4.get(k), bool)]
+        if bad:
+            raise BadInputError(f"{file}: the 'int4' block has {'; '.join(bad)}")
+    return meta
+
+
+def read_decoder(path: Path) -> dict:
+    """The decoder section of ``genai_config.json`` (input and output names the session is run with)."""
+    file = path / GENAI_CONFIG
+    if not file.is_file():
+        raise BadInputError(f"{path} has no {GENAI_CONFIG}: verify runs the decoder with the names it gives "
+                            "(re-export the folder)")
+    model = read_json(file).get("model")
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    if not isinstance(decoder, dict) or not all(isinstance(decoder.get(k), dict) for k in ("inputs", "outputs")):
+        raise BadInputError(f"{file}: no model.decoder with inputs and outputs")
+    for key in ("num_hidden_layers", "num_key_value_heads", "head_size"):
+        if not isinstance(decoder.get(key), int) or isinstance(decoder.get(key), bool) or decoder[key] < 1:
+            raise BadInputError(f"{file}: model.decoder.{key} must be a whole number >= 1, got {decoder.get(key)!r}")
+    return decoder
 
 
 def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Artifact:
@@ -263,7 +296,7 @@ def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Art
         raise UnsupportedError(f"an ONNX folder runs in onnxruntime, not {runtime!r}")
     path = Path(path)
     meta = read_meta(path)
-    genai = json.loads((path / GENAI_CONFIG).read_text())["model"]["decoder"]
+    genai = read_decoder(path)
     session = onnx_session(path / MODEL_FILE)
     tolerance = artifact_tolerance(meta)
     decode_bound = DECODE_BOUND if meta.get("int4", {}).get("accuracy_level", 0) == 0 else tolerance.max_rel

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from blora_export.base import TensorFolder
+from blora_export.base import TensorFolder, read_json
 from blora_export.errors import UnsupportedError
 from blora_export.hf_folder import PROVENANCE_FILE, provenance, write_hf_config, write_shards
 from blora_export.io import atomic_dir
@@ -51,7 +51,7 @@ def detect(path: Path) -> bool:
         return False
     if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
         return False
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json")  # a damaged one is a one-line bad-input error
     return "quantization" not in config and "quantization_config" not in config
 
 

@@ -120,12 +120,12 @@ QWEN2_PRETOKENIZE_REGEX = (
 _CONFIG_NOISE_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")
 
 
-def _corpus_text() -> str:
-    return CORPUS_PATH.read_text(encoding="utf-8")
+def _corpus_text(corpus: Path | None = None) -> str:
+    return (corpus or CORPUS_PATH).read_text(encoding="utf-8")
 
 
-def _corpus_lines() -> list[str]:
-    return [line.strip() for line in _corpus_text().splitlines() if line.strip()]
+def _corpus_lines(corpus: Path | None = None) -> list[str]:
+    return [line.strip() for line in _corpus_text(corpus).splitlines() if line.strip()]
 
 
 def _clean_tokenizer_config(out_dir: Path, extra: dict | None = None) -> dict:
@@ -153,13 +153,13 @@ def _write_special_tokens_map(out_dir: Path, tok) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _train_spm(vocab_size: int) -> bytes:
+def _train_spm(vocab_size: int, corpus: Path | None = None) -> bytes:
     """Train a LLaMA-style SentencePiece BPE model on the corpus; return the serialized proto."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus_lines()),
+        sentence_iterator=iter(_corpus_lines(corpus)),
         model_writer=buf,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -190,11 +190,11 @@ def _train_spm(vocab_size: int) -> bytes:
     return buf.getvalue()
 
 
-def _make_spm_tokenizer(out_dir: Path, vocab_size: int) -> None:
+def _make_spm_tokenizer(out_dir: Path, vocab_size: int, corpus: Path | None = None) -> None:
     # LlamaTokenizerFast is an alias of LlamaTokenizer (TokenizersBackend) in transformers 5.
     from transformers import LlamaTokenizerFast
 
-    proto = _train_spm(vocab_size)
+    proto = _train_spm(vocab_size, corpus)
     with tempfile.TemporaryDirectory(prefix="tiny_spm_") as tmp:
         tmp = Path(tmp)
         (tmp / "tokenizer.model").write_bytes(proto)
@@ -331,8 +331,9 @@ def _make_bpe_tokenizer(out_dir: Path, vocab_size: int) -> None:
     _write_gpt2_files(out_dir)
 
 
-def make_tokenizer(out_dir, kind: str = "spm", vocab_size: int = 512) -> None:
-    """Train a tokenizer offline on ``samples/corpus.txt`` and write a transformers-5 tokenizer folder.
+def make_tokenizer(out_dir, kind: str = "spm", vocab_size: int = 512, corpus: Path | None = None) -> None:
+    """Train a tokenizer offline on ``samples/corpus.txt`` (or ``corpus``, spm only) and write a
+    transformers-5 tokenizer folder.
 
     kind="spm": LLaMA-style SentencePiece BPE (byte_fallback, <unk>=0 <s>=1 </s>=2, no pad) converted to
         ``LlamaTokenizer``; writes tokenizer.model, tokenizer.json, tokenizer_config.json (chat_template
@@ -347,7 +348,7 @@ def make_tokenizer(out_dir, kind: str = "spm", vocab_size: int = 512) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "spm":
-        _make_spm_tokenizer(out_dir, vocab_size)
+        _make_spm_tokenizer(out_dir, vocab_size, corpus)
     elif kind == "bpe":
         _make_bpe_tokenizer(out_dir, vocab_size)
     elif kind == "llama3":

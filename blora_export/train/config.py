@@ -32,6 +32,7 @@ PAPER_LAMBDA = {"llama": 2, "mistral": 8, "qwen2": 2}
 #: Q-BLoRA's base: bitsandbytes NF4, block 64, double-quantized absmax (QLoRA's default).
 QBLORA_BASE = NF4Base(blocksize=64, double_quant=True)
 DEFAULT_QA_LAMBDA_OUT = 4
+MAX_LR = 1.0  # AdamW's step is about lr per weight: above 1 no adapter training converges
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,9 @@ class TrainConfig:
                 problems.append(f"--{key.strip('_').replace('_', '-')} must be >= 1, got {value}")
         if not all(0 < v < float("inf") for v in (self.lr, self.alpha, self.max_grad_norm)):
             problems.append("--lr, --alpha and the gradient clip must be finite and > 0")
+        elif self.lr > MAX_LR:
+            problems.append(f"--lr {self.lr:g} is above {MAX_LR:g}: AdamW moves every adapter weight by about lr "
+                            "per step, so training would diverge at once (typical: 1e-4 to 1e-3)")
         if self.device not in DEVICES:
             problems.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.precision not in PRECISIONS:

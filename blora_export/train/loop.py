@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from ..base import BaseModel
 from ..errors import BadInputError, UnsupportedError
-from ..io import progress_factory
+from ..io import check_output, progress_factory
 from ..reference import load_tokenizer
 from . import state as st
 from .config import AdapterSpec, TrainConfig, resolve_spec
@@ -156,7 +156,9 @@ def enable_checkpointing(model) -> None:
 
 
 def check_out(cfg: TrainConfig) -> None:
+    """``--out`` is never the base or the data, nor holds or lies in them, whatever the flags."""
     out = Path(cfg.out)
+    check_output(out, [cfg.base, cfg.data], what="--out", overwrite=True, kind="dir")
     if cfg.resume or not out.exists() or cfg.overwrite:
         return
     raise BadInputError(f"--out {out} already exists; pass --resume to continue its training, --overwrite to "

@@ -1,0 +1,76 @@
+"""bench/fidelity.py does not rot: its corpus parsing, scoring and one evaluation round on a sample."""
+import gzip
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import fidelity  # noqa: E402
+import fidelity_corpus  # noqa: E402
+import fidelity_eval  # noqa: E402
+
+
+def test_corpus_is_read_from_the_packages_files(tmp_path):
+    gcide = tmp_path / "dict-gcide" / fidelity_corpus.GCIDE_FILE
+    gcide.parent.mkdir(parents=True)
+    entry = "<p><hw>Ab*a\"cus</hw> <def>A table or tray strewn with sand, anciently used for drawing and calculating.</def></p>"
+    gcide.write_bytes(gzip.compress((entry + "\n\n<-- a comment that is dropped -->\n\nshort\n").encode()))
+    (tmp_path / "dict-gcide" / ".done").write_text("x\n")
+    docs = tmp_path / "python3.11-doc" / fidelity_corpus.DOCS_DIR
+    docs.mkdir(parents=True)
+    held = next(f"f{i}.rst.txt" for i in range(100) if fidelity_corpus.is_heldout(f"f{i}.rst.txt"))
+    kept = next(f"f{i}.rst.txt" for i in range(100) if not fidelity_corpus.is_heldout(f"f{i}.rst.txt"))
+    text = ".. note::\n\nThe :func:`len` function returns the number of items of an object, as ``len(x)``.\n\n=====\n"
+    (docs / held).write_text(text)
+    (docs / kept).write_text(text.replace("number", "count"))
+    (tmp_path / "python3.11-doc" / ".done").write_text("x\n")
+    corpus = fidelity_corpus.load_corpus(tmp_path)
+    assert corpus.pretrain == ["Ab*a\"cus A table or tray strewn with sand, anciently used for drawing and calculating."]
+    assert corpus.heldout == ["The len function returns the number of items of an object, as len(x)."]
+    assert corpus.finetune == ["The len function returns the count of items of an object, as len(x)."]
+
+
+def test_score_is_perplexity_and_top1():
+    windows = [[0, 1, 2, 1]]
+    perfect = np.full((4, 3), -1e9)
+    perfect[np.arange(3), [1, 2, 1]] = 0.0
+    assert fidelity_eval.score([perfect], windows) == (1.0, 1.0)
+    uniform = np.zeros((4, 3))
+    ppl, top1 = fidelity_eval.score([uniform], windows)
+    assert math.isclose(ppl, 3.0) and top1 == 0.0  # argmax of a tie is token 0, never a target here
+    shifted = np.roll(perfect, 1, axis=0) / 1e7  # logits aligned one position off: a wrong scorer's view
+    ppl, top1 = fidelity_eval.score([shifted], windows)
+    assert ppl > 3.0 and top1 == 0.0
+
+
+def test_sizes_meet_the_issue():
+    small = fidelity.SIZES["small"]
+    params = (2 * small.vocab * small.hidden + small.layers * (
+        2 * small.hidden * small.hidden + 2 * small.hidden * small.hidden * small.kv_heads // small.heads
+        + 3 * small.hidden * small.intermediate))
+    assert params >= 20_000_000 and small.intermediate % 256 == 0
+
+
+@pytest.mark.slow
+def test_one_evaluation_round_on_a_sample(samples, tmp_path):
+    base, ckpt = samples / "base", samples / "qa-blora-q4_1"
+    paragraphs = [line for line in (samples / "corpus.txt").read_text().splitlines() if len(line) > 40]
+    windows = fidelity_eval.heldout_windows(base, paragraphs, seq=16, count=2)
+    assert len(windows) == 2 and all(len(w) == 16 for w in windows)
+    cells = fidelity_eval.evaluate_all(base, {"qa-blora": ckpt}, windows, tmp_path / "art")
+    by = {(c["model"], c["artifact"]): c for c in cells}
+    ref = by[("qa-blora", "torch")]["ppl"]
+    for artifact in ("gguf-q4_1-fold", "onnx-int4-fold", "mlx-4-32-fold", "gguf-q4_k_m-ptq", "onnx-int4-rtn-ptq"):
+        assert by[("qa-blora", artifact)]["ppl"] > 0 and by[("qa-blora", artifact)]["bytes"] > 0
+    assert abs(by[("qa-blora", "onnx-int4-fold")]["ppl"] / ref - 1) < 1e-4  # exact fold, float32 activations
+    table = fidelity_eval.format_table(cells + [{"model": "run", "seconds": 1.0, "machine": "test"}])
+    assert "gguf-q4_1-fold" in table and "Δppl" in table
+    fidelity_eval.plot(cells, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    json.dumps(cells)
