@@ -1,4 +1,5 @@
-"""What goes into a GGUF model for llama.cpp: architecture table, hyperparameters, tensor plan.
+"""What goes into a GGUF model for llama.cpp: architecture (the family table's row), hyperparameters,
+tensor plan (plus ``rope_freqs.weight`` for a Llama 3.x rope).
 
 Tensor names come from gguf-py's ``TensorNameMap``. llama.cpp's ``llama`` architecture (which
 also runs Mistral v0.x) rotates adjacent pairs where Hugging Face rotates halves, so the rows of
@@ -213,7 +214,7 @@ def tensor_plan(job: ExportJob, arch: ArchSpec, hp: HParams, gtype: GGUFType, qu
     embed_type = gtype if quantize_embeddings and gtype.quantized else (
         GGUF_TYPES["f32"] if gtype.name == "f32" else GGUF_TYPES["f16"])
     specs, names = [], job.base.names()
-    if _rope_scaling(job.base.config) is not None and _rope_scaling(job.base.config)[0] == "llama3":
+    if (_rope_scaling(job.base.config) or ("default",))[0] == "llama3":  # llama3: factors as a tensor
         specs.append(TensorSpec(ROPE_FREQS, "", (hp.head_dim // 2,), GGUF_TYPES["f32"], "rope_freqs", None))
     if not hp.tied and "lm_head.weight" not in names:
         raise BadInputError(f"{job.base.path}: config says untied embeddings but there is no lm_head.weight")

@@ -2,7 +2,7 @@
 
 ``blora-export to-gguf CKPT OUT.gguf [--type T] [--adapter-only | --base-only] [--requantize]``
 
-* A complete model (architectures llama, mistral written as llama, qwen2): hyperparameters,
+* A complete model (the families of :mod:`blora_export.families`): hyperparameters,
   tokenizer, ``general.*`` and provenance under ``blora.*``. Norms are F32; token embeddings and
   the output head F16 (F32 with ``--type f32``; ``--quantize-embeddings`` quantizes them, with
   the error reported); a tied head writes no ``output`` tensor.
@@ -12,6 +12,8 @@
   of :func:`blora_export.delta.lora_factors`; it applies on top of the base the adapter was
   trained against, which ``--base-only`` writes (for a min-max grid: its own codes).
 * ``--base-only``: that base, without the adapter (also the runtime noise floor's reference).
+* ``--type q4_k_m`` and the other K-quant mixes: llama.cpp's own quantizer on the exactly merged
+  f32 file (:mod:`converters.gguf_kquant`; post-training quantization, its error reported).
 
 Written in one pass, one base tensor in memory at a time (tensor infos first, then each tensor's
 data as it is made), to a temporary file renamed at the end. Deterministic bytes.

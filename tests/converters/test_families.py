@@ -129,6 +129,17 @@ def test_every_format_matches_training_in_its_runtime(ckpts, tmp_path, arch, met
         assert report.logits.max_rel < report.adapter_effect / 4, report.to_json()  # it sees the adapter
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
+def test_paper_layout_checkpoints_too(tiny_base, make_ckpt, tmp_path, arch):
+    """The paper's layout (λ inferred from the shapes; QA-BLoRA 4x8 cells) through GGUF and ONNX."""
+    ckpt = make_ckpt(tiny_base(arch), "qa-blora", 4, 8, layout="paper")
+    for kind, out, options in (("gguf", tmp_path / "m.gguf", {"runtime": "llama.cpp"}), ("onnx", tmp_path / "o", {})):
+        api.export(ckpt, out, kind, quiet=True, **({"gguf_type": "f32"} if kind == "gguf" else {}))
+        report = api.verify(ckpt, out, quiet=True, **options)
+        assert report.passed and report.logits.max_rel < report.adapter_effect / 4, report.to_json()
+
+
 def _break_rope_freqs(monkeypatch):
     monkeypatch.setattr(gguf_model, "llama3_rope_factors", lambda config: np.ones(16, np.float32))
 
