@@ -264,8 +264,19 @@ def _apply_rope_freqs(model, reader: GGUFReader, path: Path) -> None:
     rotary.original_inv_freq = rotary.inv_freq
 
 
+def transformers_reads(path: Path) -> bool:
+    """Whether transformers' GGUF loader knows the file's architecture (it lacks e.g. granite)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    return _field(GGUFReader(str(path)), "general.architecture") in GGUF_CONFIG_MAPPING
+
+
 def open_gguf(path: Path, job: ExportJob, runtime: Optional[str]) -> Artifact:
-    runtime = runtime or "gguf-py"
+    if runtime is None:  # gguf-py where transformers can load the architecture, else llama.cpp
+        runtime = "gguf-py" if read_info(path).content == "adapter" or transformers_reads(path) else "llama.cpp"
+    elif runtime == "gguf-py" and read_info(path).content != "adapter" and not transformers_reads(path):
+        raise UnsupportedError(f"transformers' GGUF loader cannot load {path.name}'s architecture: "
+                               "verify it with --runtime llama.cpp")
     if runtime not in RUNTIMES:
         raise UnsupportedError(f"a GGUF runs in {' or '.join(RUNTIMES)}, not {runtime!r}")
     info = read_info(path)
