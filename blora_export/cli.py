@@ -181,8 +181,9 @@ def verify(ckpt, artifact, base, merge_into, prompts, dtype, runtime, json_out, 
               help="Code width (--layout mlx; default: the checkpoint grid's, else 4).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
               help="Inputs per group (--layout mlx; default: 32).")
-@click.option("--bias-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Storage of scales and biases (--layout mlx); float32 keeps the folded offsets exact.")
+@click.option("--bias-dtype", type=click.Choice(["float16", "float32"]), default=None,
+              help="Storage of scales and biases (--layout mlx). Default float32 (the folded offsets at the "
+                   "runtime's own noise), float16 for a checkpoint trained fold-aware with float16 offsets (exact).")
 @click.option("--requantize", is_flag=True,
               help="When the checkpoint's grid does not fold into the target, merge and re-quantize (PTQ).")
 @overwrite_option

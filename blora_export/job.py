@@ -74,9 +74,21 @@ class Artifact:
     path: Path
     description: str
     tolerance: Tolerance
-    logits: Callable[[Sequence[Sequence[int]]], list[torch.Tensor]]
+    # The artifact's logits in its runtime; None: run ``weights`` in verify's streamed forward.
+    logits: Optional[Callable[[Sequence[Sequence[int]]], list[torch.Tensor]]]
     layer_checks: Callable[[], list[LayerCheck]] = lambda: []
     notes: tuple[str, ...] = ()
     # Set for float-weight artifacts: verify measures this dtype's rounding floor on the base
-    # and widens the tolerance to FLOOR_FACTOR x that floor when it is larger.
+    # (as trained, without the adapter) and widens the tolerance to FLOOR_FACTOR x that floor.
     weight_dtype: Optional[torch.dtype] = None
+    # Extra streams (blora_export.stream.Stream) verify runs in its one pass over the layers: the
+    # floors a bound is measured from. ``bound(logits_by_stream)`` then gives the tolerance
+    # (streams "trained" and "without" are always there); None: ``tolerance`` as is.
+    streams: tuple = ()
+    bound: Optional[Callable[[dict], Tolerance]] = None
+    # The artifact's own weights, float32 by Hugging Face name (``weights(name, cache)``), run in the
+    # base's true architecture. Without ``logits`` they are the candidate; with it (a runtime), a second
+    # end-to-end check of what the file holds, against ``weights_bound``.
+    weights: Optional[Callable] = None
+    weights_bound: Optional[Callable[[dict], Tolerance]] = None
+    weights_description: str = ""

@@ -19,6 +19,7 @@ from .checkpoint import Checkpoint
 from .delta import AdapterModule, adapter_forward
 from .errors import BadInputError
 from .merge import MergePlan, exact_merged_weight, trained_base_weight
+from .stream import PartCache, Stream, StreamedForward
 
 log = logging.getLogger(__name__)
 DEFAULT_PROMPTS = (
@@ -139,6 +140,50 @@ def apply_trained_base(model, base: BaseModel, plan: MergePlan, progress: Callab
         _set_weight(model, name, trained_base_weight(name, base.tensor(name), plan))
 
 
+def branch_hooks(modules: Sequence[AdapterModule]):
+    """A :class:`Stream` hook installer: each adapted Linear in a part adds its adapter branch."""
+    by_name = {m.name: m for m in modules}
+
+    def install(part, prefix: str) -> list:
+        handles = []
+        for local, sub in part.named_modules():
+            module = by_name.get(f"{prefix}.{local}" if local else prefix)
+            if module is not None:
+                def hook(_mod, args, output, module=module):
+                    return output + adapter_forward(args[0], module).to(output.dtype)
+                handles.append(sub.register_forward_hook(hook))
+        return handles
+    return install
+
+
+def trained_base_fn(plan: MergePlan):
+    """Weights of the base as the adapter saw it (float32), memoized per part."""
+    def weights(name: str, cache: PartCache) -> torch.Tensor:
+        return cache.memo(("trained_base", name), lambda: trained_base_weight(name, cache.tensor(name), plan))
+    return weights
+
+
+def trained_stream(ckpt: Checkpoint, plan: MergePlan) -> Stream:
+    """The training-time model: the base as trained plus the adapter branches (or, fold-aware,
+    the folded weights its forward used)."""
+    base = trained_base_fn(plan)
+    if not plan.folded:
+        return Stream("trained", base, branch_hooks(list(ckpt.modules.values())))
+
+    def weights(name: str, cache: PartCache) -> torch.Tensor:
+        if ckpt.module_for_weight(name) is None:
+            return base(name, cache)
+        return cache.memo(("exact", name), lambda: exact_merged_weight(name, cache.tensor(name), ckpt, plan)).float()
+    return Stream("trained", weights)
+
+
+def rounded_stream(plan: MergePlan, dtype: torch.dtype, name: str = "rounded base") -> Stream:
+    """The base as trained, *without* the adapter, every weight rounded to ``dtype``: what storing
+    in ``dtype`` costs a model, independent of the update being verified."""
+    base = trained_base_fn(plan)
+    return Stream(name, lambda n, cache: base(n, cache).to(dtype).to(torch.float32))
+
+
 @dataclass
 class ReferenceLogits:
     """Logits of the training-time model, of the base without the adapter, and (optionally)
@@ -154,25 +199,11 @@ def reference_logits(base: BaseModel, ckpt: Checkpoint, plan: MergePlan, prompts
     """Logits of the training-time model (base as trained + adapter branches), and without the adapter.
 
     The second set measures how much the adapter moves the logits: a check is only meaningful
-    when its tolerance is well below that. With ``round_dtype``, the base's weights are then
-    rounded to it in place and run once more (no second copy of the model is held).
+    when its tolerance is well below that. With ``round_dtype``, the base as trained (without
+    the adapter) rounded to it. One streamed pass, one decoder layer in memory at a time.
     """
-    model = load_hf_model(base.path)
-    apply_trained_base(model, base, plan, progress)
-    without = model_logits(model, prompts)
-    if plan.folded:  # fold-aware training: the forward used the folded weights themselves
-        for module in ckpt.modules.values():
-            name = module.weight_name
-            _set_weight(model, name, exact_merged_weight(name, base.tensor(name), ckpt, plan))
-        trained = model_logits(model, prompts)
-    else:
-        with adapter_branches(model, list(ckpt.modules.values())):
-            trained = model_logits(model, prompts)
-    rounded = None
+    streams = [trained_stream(ckpt, plan), Stream("without", trained_base_fn(plan))]
     if round_dtype is not None and round_dtype != torch.float32:
-        with torch.no_grad():
-            for param in model.parameters():
-                param.copy_(param.to(round_dtype).to(param.dtype))
-        rounded = model_logits(model, prompts)
-    del model
-    return ReferenceLogits(trained=trained, without_adapter=without, rounded_base=rounded)
+        streams.append(rounded_stream(plan, round_dtype))
+    out = StreamedForward(base, progress).run(prompts, streams)
+    return ReferenceLogits(trained=out["trained"], without_adapter=out["without"], rounded_base=out.get("rounded base"))

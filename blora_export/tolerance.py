@@ -8,15 +8,28 @@ and must sit well below what a wrong merge does: dropping the adapter, or the pa
 Basis (``python bench/dtype_floor.py``): rounding every weight of the tiny test models to a
 dtype with unit roundoff ``u`` (2^-11 fp16, 2^-8 bf16) moved their logits by 1.8-3.0 u
 relative; correct merges of the samples measured 2.9-6.6 u. The table allows 16 u, and
-``verify`` widens it to 3x the floor it measures on the base itself when that is larger
-(deep models have higher floors). float32 allows for the different operation order of the
+``verify`` widens it to ``FLOOR_FACTOR`` x the floor it measures on the base itself when that is
+larger (deep models have higher floors). float32 allows for the different operation order of the
 adapter branch (pool -> matmul -> repeat) versus the merged matmul.
+
+Floors. Every bound that is measured rather than tabled is ``FLOOR_FACTOR`` times a *floor*: what
+the runtime's storage and arithmetic do to the base as trained **without the adapter** (its
+weights rounded or quantized as the artifact stores them, its activations quantized as the
+runtime quantizes them), on the same prompts, computed in torch from the checkpoint's base —
+never from the artifact under test, and never from the size of the update being verified.
+Top-1: disagreement up to ``FLOOR_FACTOR`` x the floor's, and at least ``TOP1_SLACK``.
+
+Sensitivity. A check only tells a right artifact from a wrong one when its bound is well below
+what the adapter does to the logits: ``verify`` reports a bound at or above
+``effect / SENSITIVITY_FACTOR`` as *inconclusive* (exit 1, not a PASS).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from .numerics import LogitStats
 
 
 @dataclass(frozen=True)
@@ -43,7 +56,9 @@ TOLERANCES = {
 }
 
 
-FLOOR_FACTOR = 3.0
+FLOOR_FACTOR = 4.0  # one factor for every measured floor (dtype rounding, PTQ, runtime arithmetic)
+TOP1_SLACK = 0.10
+SENSITIVITY_FACTOR = 4.0
 
 
 def tolerance_for_dtype(dtype: torch.dtype) -> Tolerance:
@@ -59,3 +74,15 @@ def widen_to_floor(tolerance: Tolerance, floor_rel: float, dtype: torch.dtype) -
     return Tolerance(max_rel=widened, min_top1=tolerance.min_top1,
                      basis=f"{FLOOR_FACTOR:g} x the measured {str(dtype)[6:]} rounding floor of the base "
                            f"({floor_rel:.2e}), above the table bound {tolerance.max_rel:.2e}")
+
+
+def floor_tolerance(floor: LogitStats, what: str, at_least: Tolerance | None = None) -> Tolerance:
+    """``FLOOR_FACTOR`` x a measured floor (relative error and top-1 disagreement), never tighter
+    than ``at_least`` (a table bound) when given."""
+    max_rel = FLOOR_FACTOR * floor.max_rel
+    min_top1 = 1.0 - max(FLOOR_FACTOR * (1.0 - floor.top1_agreement), TOP1_SLACK)
+    if at_least is not None:
+        max_rel, min_top1 = max(max_rel, at_least.max_rel), min(min_top1, at_least.min_top1)
+    return Tolerance(max_rel=max_rel, min_top1=max(min_top1, 0.0),
+                     basis=f"{FLOOR_FACTOR:g} x {what} ({floor.max_rel:.2e} relative, top-1 "
+                           f"{floor.top1_agreement:.3f}; measured on the base as trained, without the adapter)")

@@ -9,22 +9,23 @@ Runtimes:
 * ``llama.cpp``: llama-cpp-python (``Llama(..., logits_all=True)``, ``eval(ids)``, ``scores``); an
   adapter runs on a temporary ``--base-only`` f32 GGUF with ``lora_path``.
 
-Bounds (``max |Δlogit| / max |logit|``):
+Bounds (``max |Δlogit| / max |logit|``). Every floor is computed in torch from the checkpoint's base
+as trained, *without the adapter* (:mod:`blora_export.tolerance`), never from a file this writer made:
 
-* exact dequantization of float weights: the storage dtype's bound (:mod:`blora_export.tolerance`);
-* the Q4_1/Q5_1 fold: the file differs from ``trained_base + ΔW`` only by the fp16 rounding of each
-  block's ``β'`` (and the f16 embeddings). That rounding is coherent over a block's 32 weights, so
-  its cost is not the float16 bound's (measured 3e-3 .. 7.3e-3 relative on the test models, up to
-  15 x 2^-11 on a tied model): it is computed from the checkpoint each time (transformers with the
-  correctly rounded fold), and the file may cost at most ``FOLD_FACTOR`` (2) times that (gguf-py
-  dequantizes with the same float32 arithmetic: measured ratio 1.00). The layer checks prove
-  each ``β'`` is the correctly rounded one;
-* everything else (llama.cpp's 8-bit activations and F16 KV cache, post-training quantization):
-  ``FLOOR_FACTOR`` times the same runtime's error on the same kind of file *without the adapter*
-  (a temporary ``--base-only`` export of the same type and encoding, against the trained base),
-  measured on the built-in prompts each time an artifact is opened. On the test models the
-  adapted model's error was 1.5-3.0x that floor (float and quantized alike: the adapted models
-  are more sensitive), so 4x. Top-1: disagreement up to 4x the floor's, at least 10%, at most 50%.
+* gguf-py, float types: the storage dtype's bound, widened to ``FLOOR_FACTOR`` x what storing the
+  base in the file's tensor types costs;
+* gguf-py, the Q4_1/Q5_1 fold: the file differs from ``trained_base + ΔW`` only by the fp16 rounding of
+  each block's ``β'`` (and the f16 embeddings). That rounding is coherent over a block's 32 weights, so
+  its cost is computed from the checkpoint each time (transformers with the correctly rounded fold,
+  computed by the core), and the file may cost at most ``FOLD_FACTOR`` (2) times that;
+* gguf-py, post-training quantization: ``FLOOR_FACTOR`` x what the same ``gguf.quants`` quantization of
+  the base as trained costs (reported as such);
+* llama.cpp: ``FLOOR_FACTOR`` x what llama.cpp's arithmetic does to the base as trained, stored in the
+  file's tensor types: activations quantized per block before each quantized matmul as ggml does
+  (:mod:`blora_export.emulate`), fp16 activations for F16 weights, an F16 KV cache. And the file's own
+  tensors, dequantized exactly, run in the base's *true* architecture (from its config.json, not the
+  GGUF metadata) must meet the gguf-py bound: a structural error (a wrong permutation, a missing sliding
+  window, a dropped adapter) exceeds one or the other.
 """
 from __future__ import annotations
 
@@ -32,35 +33,35 @@ import logging
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 
+from blora_export.base import DECODER_LINEAR
+from blora_export.emulate import NONE, Arithmetic, Rule
 from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.job import Artifact, ExportJob
-from blora_export.numerics import LogitStats, logit_stats
+from blora_export.numerics import logit_stats
 from blora_export.quant import fold_into_zero_points, quantize_minmax
 from blora_export.reference import (
     DEFAULT_PROMPTS,
-    apply_trained_base,
-    load_hf_model,
     model_logits,
-    reference_logits,
     tokenize_prompts,
+    trained_base_fn,
+    trained_stream,
 )
-from blora_export.tolerance import Tolerance, tolerance_for_dtype
+from blora_export.stream import Stream, StreamedForward
+from blora_export.tolerance import Tolerance, floor_tolerance, tolerance_for_dtype
 
-from .gguf_checks import layer_checks, lora_pairs
+from .gguf_checks import _layout, _tensors, layer_checks, lora_pairs, unpermute_rows
 from .gguf_kquant import ENCODING as KQUANT_ENCODING
-from .gguf_quants import GGUF_TYPES, TYPE_BY_QTYPE
+from .gguf_model import permute_heads
+from .gguf_quants import GGUF_TYPES, TYPE_BY_QTYPE, dequantize, quantize
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("gguf-py", "llama.cpp")
-FLOOR_FACTOR = 4.0
-MIN_TOP1_SLACK = 0.10
-MIN_TOP1 = 0.5  # post-training quantization of a tiny random model can flip many near-ties
 LLAMA_CPP_PIP = 'pip install "llama-cpp-python>=0.3.8"'
 FOLD_FACTOR = 2.0
 FOLD_TOP1_SLACK = 0.05
@@ -136,103 +137,123 @@ def gguf_py_model_logits(path: Path, prompts: Sequence[Sequence[int]]) -> list[t
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    reader = GGUFReader(str(path))
-    arch = _field(reader, "general.architecture")
-    head_dim = _field(reader, f"{arch}.attention.key_length")  # transformers' loader does not read it
-    extra = {} if head_dim is None else {"head_dim": int(head_dim)}
     model = AutoModelForCausalLM.from_pretrained(str(path.parent.resolve()), gguf_file=str(path.resolve()),
-                                                 dtype=torch.float32, device_map="cpu", **extra).eval()
-    _apply_rope_freqs(model, reader, path)
+                                                 dtype=torch.float32, device_map="cpu").eval()
     try:
         return model_logits(model, prompts)
     finally:
         del model
 
 
-def trained_base_model(job: ExportJob):
-    model = load_hf_model(job.base.path, torch.float32)
-    apply_trained_base(model, job.base, job.plan, job.progress)
-    return model
-
-
-def gguf_py_adapter_logits(path: Path, job: ExportJob, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """The adapter file applied to the trained base in memory: ``W += alpha/r · B @ A``."""
-    model = trained_base_model(job)
-    with torch.no_grad():
-        for module, a, b, scale in lora_pairs(path, job):
-            param = model.get_parameter(module.weight_name)
-            param.copy_((param.to(torch.float64) + scale * (b @ a)).to(param.dtype))
-    try:
-        return model_logits(model, prompts)
-    finally:
-        del model
-
-
-def _reference_base_logits(job: ExportJob, ids: list) -> list[torch.Tensor]:
-    model = trained_base_model(job)
-    try:
-        return model_logits(model, ids)
-    finally:
-        del model
-
-
-def _write_base(job: ExportJob, out: Path, info: GGUFInfo) -> None:
-    """A ``--base-only`` file like the one being verified (f32 for an adapter's base)."""
+def _write_base(job: ExportJob, out: Path) -> None:
+    """A ``--base-only`` f32 file: the base an ``--adapter-only`` file runs on in llama.cpp."""
     from .to_gguf import export
 
-    quiet = replace(job, progress=lambda it, **_: it)
-    if info.content == "adapter":
-        export(quiet, out, gguf_type="f32", base_only=True)
-    else:
-        export(quiet, out, gguf_type=info.type_name, base_only=True,
-               quantize_embeddings=info.embeddings_quantized and info.encoding != KQUANT_ENCODING,
-               force_requantize=info.encoding == "requantize")
+    export(replace(job, progress=lambda it, **_: it), out, gguf_type="f32", base_only=True)
 
 
-def _floor(job: ExportJob, info: GGUFInfo, run: Callable[[Path, list], list]) -> LogitStats:
-    """The runtime's error on a ``--base-only`` file of the same type and encoding, against the trained base."""
-    ids = tokenize_prompts(job.base, DEFAULT_PROMPTS)
-    reference = _reference_base_logits(job, ids)
-    with tempfile.TemporaryDirectory(prefix="blora-gguf-floor-") as tmp:
-        base = Path(tmp) / "base.gguf"
-        _write_base(job, base, info)
-        return logit_stats(reference, run(base, ids))
+def file_types(path: Path, job: ExportJob) -> dict[str, GGMLQuantizationType]:
+    """The ggml type of each tensor of a GGUF model, by Hugging Face name."""
+    arch, hp, tmap = _layout(job)
+    _, tensors = _tensors(path)
+    types = {}
+    for name in job.base.names():
+        gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname in tensors:
+            types[name] = tensors[gname].tensor_type
+    if "lm_head.weight" not in types:  # tied: the head multiplies with the embeddings' type
+        types["lm_head.weight"] = tensors["output.weight"].tensor_type if "output.weight" in tensors \
+            else types.get("model.embed_tokens.weight", GGMLQuantizationType.F32)
+    return types
 
 
-def floor_tolerance(floor: LogitStats, what: str, at_least: Tolerance) -> Tolerance:
-    max_rel = max(FLOOR_FACTOR * floor.max_rel, at_least.max_rel)
-    slack = max(FLOOR_FACTOR * (1.0 - floor.top1_agreement), MIN_TOP1_SLACK)
-    min_top1 = max(MIN_TOP1, min(at_least.min_top1, 1.0 - slack))
-    return Tolerance(max_rel=max_rel, min_top1=min_top1,
-                     basis=f"{FLOOR_FACTOR:g} x {what}'s own error without the adapter "
-                           f"({floor.max_rel:.2e}, top-1 {floor.top1_agreement:.3f}; measured on a --base-only "
-                           "file of the same type against the trained base)")
+def gguf_weights(path: Path, job: ExportJob):
+    """What the file holds, dequantized exactly by gguf-py, by Hugging Face name (Q/K rows un-permuted)."""
+    arch, hp, tmap = _layout(job)
+    _, tensors = _tensors(path)
+
+    def weights(name: str, _cache) -> torch.Tensor:
+        gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname not in tensors and name == "lm_head.weight":
+            gname = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+        if gname not in tensors:
+            raise BadInputError(f"{path} has no tensor {gname} (for {name})")
+        t = tensors[gname]
+        shape = job.base.shape(name if name in job.base.shards else "model.embed_tokens.weight")
+        value = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        return unpermute_rows(value, permute_heads(gname, arch, hp))
+    return weights
 
 
-def _expected_fold_logits(job: ExportJob, ids: list) -> list[torch.Tensor]:
+def adapter_weights(path: Path, job: ExportJob):
+    """An adapter file applied to the trained base in float64: ``W + alpha/r · B @ A``."""
+    pairs = {module.weight_name: (a, b, scale) for module, a, b, scale in lora_pairs(path, job)}
+    base = trained_base_fn(job.plan)
+
+    def weights(name: str, cache) -> torch.Tensor:
+        w = base(name, cache)
+        if name not in pairs:
+            return w
+        a, b, scale = pairs[name]
+        return (w.to(torch.float64) + scale * (b @ a)).to(torch.float32)
+    return weights
+
+
+def stored_like(w: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """``w`` as a file of this type stores it: rounded to the float type, or gguf-py's quantize/dequantize."""
+    gtype = TYPE_BY_QTYPE.get(qtype)
+    if gtype is None:
+        raise UnsupportedError(f"verify knows ggml types {', '.join(GGUF_TYPES)}, not {qtype.name}")
+    if not gtype.quantized:
+        return w.to(gtype.float_dtype).to(torch.float32)
+    return dequantize(quantize(w, gtype), qtype).reshape(w.shape)
+
+
+def storage_stream(job: ExportJob, types: dict, name: str, arithmetic: Optional[Arithmetic] = None) -> Stream:
+    """The base as trained, WITHOUT the adapter, stored as the file stores each tensor (and computed
+    with a runtime's arithmetic): the floor, from the checkpoint's base, never from the file's weights."""
+    base = trained_base_fn(job.plan)
+
+    def weights(n: str, cache) -> torch.Tensor:
+        w = base(n, cache)
+        return stored_like(w, types[n]) if n in types and w.ndim == 2 else w
+    return Stream(name, weights, None if arithmetic is None else arithmetic.hooks)
+
+
+def llama_cpp_arithmetic(types: dict) -> Arithmetic:
+    """llama.cpp's CPU arithmetic for these tensor types (see :mod:`blora_export.emulate`)."""
+    rules = {}
+    for name, qtype in types.items():
+        if not name.endswith(".weight") or name == "model.embed_tokens.weight":
+            continue  # get_rows reads the embeddings as stored; norms multiply in f32
+        gtype = TYPE_BY_QTYPE.get(qtype)
+        if gtype is None:
+            raise UnsupportedError(f"{name} is stored as {qtype.name}: verify emulates llama.cpp for the types "
+                                   f"blora-export writes ({', '.join(GGUF_TYPES)})")
+        rules[name[: -len(".weight")]] = (Rule("int8", 32) if gtype.quantized else
+                                          NONE if gtype.float_dtype == torch.float32 else
+                                          Rule("dtype", dtype=gtype.float_dtype))
+    return Arithmetic(rules, kv_dtype=torch.float16)
+
+
+def expected_fold_stream(job: ExportJob) -> Stream:
     """transformers with the weights a correct fold file holds: codes, fp16 α, correctly rounded fp16 β'
     (from the checkpoint, not the file) and f16 embeddings/head."""
-    model = load_hf_model(job.base.path, torch.float32)
-    with torch.no_grad():
-        for name in job.base.linear_names():
-            qw = quantize_minmax(job.base.tensor(name).to(torch.float32), job.ckpt.base_quant, name)
-            module = job.ckpt.module_for_weight(name)
-            model.get_parameter(name).copy_((qw if module is None else fold_into_zero_points(qw, module)).dequantize())
-        for name in EMBEDDINGS:
-            if name in job.base.shards:
-                param = model.get_parameter(name)
-                param.copy_(param.to(torch.float16).to(torch.float32))
-    try:
-        return model_logits(model, ids)
-    finally:
-        del model
+    def weights(name: str, cache) -> torch.Tensor:
+        if name in EMBEDDINGS:
+            return cache.tensor(name).to(torch.float16).to(torch.float32)
+        w = cache.tensor(name)
+        if not DECODER_LINEAR.match(name):
+            return w.to(torch.float32)
+        qw = quantize_minmax(w.to(torch.float32), job.ckpt.base_quant, name)
+        module = job.ckpt.module_for_weight(name)
+        return (qw if module is None else fold_into_zero_points(qw, module)).dequantize()
+    return Stream("expected fold", weights)
 
 
-def fold_tolerance(job: ExportJob) -> Tolerance:
+def fold_bound(out: dict) -> Tolerance:
     """FOLD_FACTOR x what the fp16 rounding of β' (and f16 embeddings) costs, computed from the checkpoint."""
-    ids = tokenize_prompts(job.base, DEFAULT_PROMPTS)
-    trained = reference_logits(job.base, job.ckpt, job.plan, ids).trained
-    cost = logit_stats(trained, _expected_fold_logits(job, ids))
+    cost = logit_stats(out["trained"], out["expected fold"])
     return Tolerance(max_rel=max(FOLD_FACTOR * cost.max_rel, tolerance_for_dtype(torch.float32).max_rel),
                      min_top1=1.0 - max(FOLD_FACTOR * (1.0 - cost.top1_agreement), FOLD_TOP1_SLACK),
                      basis=f"{FOLD_FACTOR:g} x the cost of the fold's only rounding ({cost.max_rel:.2e}, top-1 "
@@ -240,46 +261,37 @@ def fold_tolerance(job: ExportJob) -> Tolerance:
                            "transformers from the checkpoint)")
 
 
-def _exact_tolerance(info: GGUFInfo, job: ExportJob) -> Optional[Tolerance]:
-    """The bound for gguf-py's exact dequantization, when the file holds no post-training quantization."""
-    if info.embeddings_quantized or info.encoding in ("requantize", KQUANT_ENCODING):
-        return None
-    if info.encoding == "fold":
-        return fold_tolerance(job)
-    return tolerance_for_dtype(GGUF_TYPES[info.type_name].float_dtype)
+def fold_tolerance(job: ExportJob) -> Tolerance:
+    """:func:`fold_bound` on the built-in prompts (one streamed pass)."""
+    ids = tokenize_prompts(job.base, DEFAULT_PROMPTS)
+    streams = [trained_stream(job.ckpt, job.plan), expected_fold_stream(job)]
+    return fold_bound(StreamedForward(job.base).run(ids, streams))
 
 
-def _apply_rope_freqs(model, reader: GGUFReader, path: Path) -> None:
-    """transformers' GGUF loader ignores ``rope_freqs.weight`` (Llama 3.x rope): divide its rotary
-    frequencies by the file's factors, as llama.cpp does."""
-    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if tensor is None:
-        return
-    factors = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
-    rotary = model.model.rotary_emb
-    if rotary.inv_freq.shape != factors.shape:
-        raise BadInputError(f"{path}: rope_freqs.weight has {factors.numel()} values, the model "
-                            f"{rotary.inv_freq.numel()} rotary frequencies")
-    rotary.inv_freq = rotary.inv_freq / factors
-    rotary.original_inv_freq = rotary.inv_freq
+def _weights_plan(path: Path, job: ExportJob, info: GGUFInfo, types: dict):
+    """(streams, bound) for the file's weights run in float32: what gguf-py's exact dequantization allows."""
+    if info.encoding == "fold" and not info.embeddings_quantized:
+        return [expected_fold_stream(job)], fold_bound
+    table = tolerance_for_dtype(torch.float16 if GGUF_TYPES[info.type_name].quantized
+                                else GGUF_TYPES[info.type_name].float_dtype)
+    what = ("post-training quantization" if info.encoding == "requantize" or info.embeddings_quantized
+            else "storage rounding")
 
-
-def transformers_reads(path: Path) -> bool:
-    """Whether transformers' GGUF loader knows the file's architecture (it lacks e.g. granite)."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    return _field(GGUFReader(str(path)), "general.architecture") in GGUF_CONFIG_MAPPING
+    def bound(out: dict) -> Tolerance:
+        return floor_tolerance(logit_stats(out["without"], out["stored base"]), f"the file types' {what}", table)
+    return [storage_stream(job, types, "stored base")], bound
 
 
 def open_gguf(path: Path, job: ExportJob, runtime: Optional[str]) -> Artifact:
-    if runtime is None:  # gguf-py where transformers can load the architecture, else llama.cpp
-        runtime = "gguf-py" if read_info(path).content == "adapter" or transformers_reads(path) else "llama.cpp"
-    elif runtime == "gguf-py" and read_info(path).content != "adapter" and not transformers_reads(path):
-        raise UnsupportedError(f"transformers' GGUF loader cannot load {path.name}'s architecture: "
-                               "verify it with --runtime llama.cpp")
+    info = read_info(path)
+    if info.encoding == KQUANT_ENCODING:  # llama.cpp's own K-quant mix: its floor needs llama.cpp's quantizer
+        if runtime not in (None, "llama.cpp"):
+            raise UnsupportedError(f"{path.name} is a {info.type_name} K-quant made by llama.cpp's quantizer: "
+                                   "verify it with --runtime llama.cpp")
+        runtime = "llama.cpp"
+    runtime = runtime or "gguf-py"
     if runtime not in RUNTIMES:
         raise UnsupportedError(f"a GGUF runs in {' or '.join(RUNTIMES)}, not {runtime!r}")
-    info = read_info(path)
     if info.content == "base":
         raise UnsupportedError(f"{path} is a --base-only file (the base without the adapter): verify the model "
                                "export, or an --adapter-only file (which is run on such a base)")
@@ -289,44 +301,85 @@ def open_gguf(path: Path, job: ExportJob, runtime: Optional[str]) -> Artifact:
     if info.encoding in ("requantize", KQUANT_ENCODING) or info.embeddings_quantized:
         notes.append("post-training quantization: the file approximates the trained function (the export's "
                      "ptq_error gives the weight error); the bound is what the same re-quantization costs the "
-                     "base alone, so a failure here is the error the re-quantization adds because of the adapter")
+                     "base as trained without the adapter")
+    kind = _gguf_py if runtime == "gguf-py" else _llama_cpp
     if runtime == "llama.cpp":
         require_llama_cpp()
-        logits, tolerance, description = _llama_cpp(path, job, info)
-    else:
-        logits, tolerance, description = _gguf_py(path, job, info)
-    return Artifact(format="gguf", path=path, description=description, tolerance=tolerance, logits=logits,
-                    layer_checks=lambda: layer_checks(path, job, info.encoding), notes=tuple(notes))
+    return kind(path, job, info, tuple(notes))
 
 
-def _gguf_py(path: Path, job: ExportJob, info: GGUFInfo):
+def _gguf_py(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifact:
+    checks = lambda: layer_checks(path, job, info.encoding)  # noqa: E731
     if info.content == "adapter":
-        return (lambda prompts: gguf_py_adapter_logits(path, job, prompts),
-                replace(tolerance_for_dtype(GGUF_TYPES[info.type_name].float_dtype),
-                        basis=f"LoRA factors stored as {info.type_name}, applied in float64 to the trained base"),
-                f"GGUF LoRA adapter ({info.type_name}), applied by gguf-py to the trained base")
-    description = f"GGUF {info.type_name} ({info.encoding}), dequantized by gguf-py in transformers"
-    tolerance = _exact_tolerance(info, job)
-    if tolerance is None:
-        floor = _floor(job, info, lambda f, ids: gguf_py_model_logits(f, ids))
-        tolerance = floor_tolerance(floor, "post-training quantization", tolerance_for_dtype(torch.float16))
-    return (lambda prompts: gguf_py_model_logits(path, prompts)), tolerance, description
+        tol = replace(tolerance_for_dtype(GGUF_TYPES[info.type_name].float_dtype),
+                      basis=f"LoRA factors stored as {info.type_name}, applied in float64 to the trained base")
+        return Artifact(format="gguf", path=path, tolerance=tol, logits=None, weights=adapter_weights(path, job),
+                        description=f"GGUF LoRA adapter ({info.type_name}), applied by gguf-py to the trained base",
+                        layer_checks=checks, notes=notes)
+    streams, bound = _weights_plan(path, job, info, file_types(path, job))
+    return Artifact(format="gguf", path=path, tolerance=tolerance_for_dtype(torch.float32), logits=None,
+                    weights=gguf_weights(path, job), streams=tuple(streams), bound=bound, layer_checks=checks,
+                    description=f"GGUF {info.type_name} ({info.encoding}), dequantized by gguf-py, run layer by layer "
+                                "in the base's architecture", notes=notes)
 
 
-def _llama_cpp(path: Path, job: ExportJob, info: GGUFInfo):
-    float_type = GGUF_TYPES.get(info.type_name)  # None: a K-quant mix made by llama.cpp
-    exact = tolerance_for_dtype(torch.float16 if float_type is None or float_type.quantized
-                                or info.embeddings_quantized else float_type.float_dtype)
-    floor = _floor(job, info, llama_cpp_logits)
-    tolerance = floor_tolerance(floor, "llama.cpp", exact)
-    if info.content != "adapter":
-        return ((lambda prompts: llama_cpp_logits(path, prompts)), tolerance,
-                f"GGUF {info.type_name} ({info.encoding}) in llama.cpp")
+def _llama_cpp_kquant(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifact:
+    """A K-quant in llama.cpp. Its floor: llama.cpp's error on a --base-only file of the same K type (the
+    base as trained, quantized by the same llama.cpp quantizer), against the base as trained, on the same prompts."""
+    from .to_gguf import export
+
+    seen: dict = {}
 
     def logits(prompts):
-        with tempfile.TemporaryDirectory(prefix="blora-gguf-base-") as tmp:
-            base = Path(tmp) / "base.gguf"
-            _write_base(job, base, info)
-            return llama_cpp_logits(base, prompts, lora=path)
+        seen["ids"] = [list(p) for p in prompts]
+        return llama_cpp_logits(path, prompts)
 
-    return logits, tolerance, f"GGUF LoRA adapter ({info.type_name}) on a --base-only f32 GGUF in llama.cpp"
+    def bound(out: dict) -> Tolerance:
+        ids = seen.get("ids") or tokenize_prompts(job.base, DEFAULT_PROMPTS)
+        with tempfile.TemporaryDirectory(prefix="blora-gguf-floor-") as tmp:
+            base = Path(tmp) / "base.gguf"
+            export(replace(job, progress=lambda it, **_: it), base, gguf_type=info.type_name, base_only=True)
+            floor = llama_cpp_logits(base, ids)
+        return floor_tolerance(logit_stats(out["without"], floor),
+                               f"llama.cpp's {info.type_name} quantization and arithmetic (a --base-only "
+                               f"{info.type_name} file of the base as trained, in llama.cpp)",
+                               tolerance_for_dtype(torch.float16))
+    return Artifact(format="gguf", path=path, tolerance=tolerance_for_dtype(torch.float16), logits=logits,
+                    bound=bound, layer_checks=lambda: layer_checks(path, job, info.encoding), notes=notes,
+                    description=f"GGUF {info.type_name} (llama.cpp's K-quant of the exact merge) in llama.cpp")
+
+
+def _llama_cpp(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifact:
+    if info.encoding == KQUANT_ENCODING:
+        return _llama_cpp_kquant(path, job, info, notes)
+    checks = lambda: layer_checks(path, job, info.encoding)  # noqa: E731
+    if info.content == "adapter":
+        types = {n: GGMLQuantizationType.F32 for n in job.base.names()}
+        types["lm_head.weight"] = GGMLQuantizationType.F32
+    else:
+        types = file_types(path, job)
+    floor = storage_stream(job, types, "llama.cpp floor", llama_cpp_arithmetic(types))
+    exact = tolerance_for_dtype(torch.float32 if info.content == "adapter" else torch.float16)
+
+    def bound(out: dict) -> Tolerance:
+        return floor_tolerance(logit_stats(out["without"], out["llama.cpp floor"]),
+                               "llama.cpp's arithmetic and storage, emulated in torch (8-bit activation blocks, "
+                               "f16 KV cache, the file's tensor types)", exact)
+    if info.content == "adapter":
+        def logits(prompts):
+            with tempfile.TemporaryDirectory(prefix="blora-gguf-base-") as tmp:
+                base = Path(tmp) / "base.gguf"
+                _write_base(job, base)
+                return llama_cpp_logits(base, prompts, lora=path)
+        return Artifact(format="gguf", path=path, tolerance=exact, logits=logits, streams=(floor,), bound=bound,
+                        weights=adapter_weights(path, job), weights_bound=lambda out: exact,
+                        weights_description="the adapter's factors applied in float64 to the trained base",
+                        description=f"GGUF LoRA adapter ({info.type_name}) on a --base-only f32 GGUF in llama.cpp",
+                        layer_checks=checks, notes=notes)
+    streams, weights_bound = _weights_plan(path, job, info, types)
+    return Artifact(format="gguf", path=path, tolerance=exact, logits=lambda prompts: llama_cpp_logits(path, prompts),
+                    streams=(floor, *streams), bound=bound, weights=gguf_weights(path, job),
+                    weights_bound=weights_bound,
+                    weights_description="the file's tensors dequantized by gguf-py in the base's own architecture",
+                    description=f"GGUF {info.type_name} ({info.encoding}) in llama.cpp", layer_checks=checks,
+                    notes=notes)

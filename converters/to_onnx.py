@@ -27,18 +27,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blora_export.base import read_json
+from blora_export.base import DECODER_LINEAR, read_json
+from blora_export.emulate import Arithmetic, Rule
 from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.families import family
 from blora_export.fold import fold_obstacles, fold_refusal, onnx_grid
 from blora_export.hf_folder import PROVENANCE_FILE, provenance
 from blora_export.io import atomic_dir
 from blora_export.job import Artifact, ExportJob, ExportResult, LayerCheck
-from blora_export.reference import DEFAULT_PROMPTS, load_hf_model, model_logits, tokenize_prompts
-from blora_export.tolerance import Tolerance, tolerance_for_dtype
+from blora_export.numerics import logit_stats
+from blora_export.quant import quantize_minmax
+from blora_export.reference import DEFAULT_PROMPTS, load_hf_model, model_logits, tokenize_prompts, trained_base_fn
+from blora_export.stream import Stream
+from blora_export.tolerance import Tolerance, floor_tolerance, tolerance_for_dtype
 
 from .onnx_graph import IR_VERSION, OPSET, DecoderSpec, build_decoder
-from .onnx_weights import FloatWeights, Int4Weights, TensorStore, dequantized_int4, weight_checks
+from .onnx_weights import FloatWeights, Int4Weights, TensorStore, dequantized_int4, requant_grid, weight_checks
 
 log = logging.getLogger(__name__)
 NAME = "onnx"
@@ -62,13 +66,8 @@ INT4_TOLERANCES = {
         max_rel=0.1, min_top1=0.85,
         basis="int4 exact weights, accuracy_level 4 (MatMulNBits quantizes activations to int8): measured "
               "3-6% relative, top-1 0.94-0.99 on tiny llama/mistral/qwen2 and a hidden-512 model; bound 10%"),
-    ("requantized", 0): Tolerance(
-        max_rel=1.0, min_top1=0.0,
-        basis="merged then re-quantized (4-bit min-max RTN): the re-quantization error is reported, not bounded "
-              "(measured 35-43% on the strongly adapted samples); the tight checks are per layer (codes = RTN of "
-              "the exact merge) and the file's int4 weights dequantized in transformers"),
 }
-INT4_TOLERANCES[("requantized", 4)] = INT4_TOLERANCES[("requantized", 0)]
+# requantized files, and accuracy_level 4: FLOOR_FACTOR x a floor measured at verify time (int4_floor)
 
 
 def check_options(precision: str, block_size, accuracy_level: int, requantize: bool) -> None:
@@ -249,11 +248,36 @@ def artifact_tolerance(meta: dict) -> Tolerance:
     precision = meta.get("precision")
     if precision == "int4":
         info = meta["int4"]
-        return INT4_TOLERANCES[(info["mode"], info["accuracy_level"])]
+        return INT4_TOLERANCES.get((info["mode"], info["accuracy_level"]), INT4_TOLERANCES[("exact", 0)])
     return tolerance_for_dtype(PRECISIONS.get(precision) or torch.float32)
 
 
 INT4_META = {"mode": ("exact", "requantized"), "accuracy_level": ACCURACY_LEVELS, "block_size": BLOCK_SIZES}
+
+
+def int4_floor(job: ExportJob, info: dict):
+    """(stream, bound) for an int4 file whose bound is measured: the base as trained WITHOUT the adapter,
+    re-quantized by the same min-max RTN when the file was (``requantized``), with MatMulNBits' int8
+    activation blocks when ``accuracy_level`` is 4. None: the exact file at level 0 (table bound)."""
+    requantized, level, block = info["mode"] == "requantized", info["accuracy_level"], info["block_size"]
+    if not requantized and level == 0:
+        return None
+    base = trained_base_fn(job.plan)
+
+    def weights(name: str, cache) -> torch.Tensor:
+        w = base(name, cache)
+        if requantized and DECODER_LINEAR.match(name):
+            return quantize_minmax(w, requant_grid(block), name).dequantize()
+        return w
+    linears = {n[: -len(".weight")]: Rule("int8", block, scale_dtype=None) for n in job.base.linear_names()}
+    stream = Stream("onnx floor", weights, Arithmetic(linears).hooks if level == 4 else None)
+    what = " and ".join(w for w, on in (("the same 4-bit min-max re-quantization (PTQ)", requantized),
+                                        ("MatMulNBits' int8 activations (emulated)", level == 4)) if on)
+
+    def bound(out: dict) -> Tolerance:
+        return floor_tolerance(logit_stats(out["without"], out["onnx floor"]), what,
+                               INT4_TOLERANCES[("exact", 0)])
+    return stream, bound
 
 
 def read_meta(path: Path) -> dict:
@@ -313,6 +337,9 @@ def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Art
 
     int4 = meta.get("int4", {})
     notes = tuple(n for n in (int4.get("note"),) if n)
+    floor = int4_floor(job, int4) if int4 else None
     return Artifact(format=NAME, path=path, description=f"ONNX decoder, {meta.get('precision')} weights"
                     + (f" ({int4['mode']}, block {int4['block_size']}, accuracy_level {int4['accuracy_level']})"
-                       if int4 else ""), tolerance=tolerance, logits=logits, layer_checks=layer_checks, notes=notes)
+                       if int4 else ""), tolerance=tolerance, logits=logits, layer_checks=layer_checks, notes=notes,
+                    weight_dtype=None if int4 else PRECISIONS.get(meta.get("precision")),
+                    streams=() if floor is None else (floor[0],), bound=None if floor is None else floor[1])

@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 
 from blora_export.base import TensorFolder, read_json
-from blora_export.errors import UnsupportedError
+from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.hf_folder import PROVENANCE_FILE, provenance, write_hf_config, write_shards
 from blora_export.io import atomic_dir
 from blora_export.job import Artifact, ExportJob, ExportResult, LayerCheck
 from blora_export.merge import DTYPES, exact_merged_weight, merged_tensors
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio
-from blora_export.reference import load_hf_model, model_logits
 from blora_export.tolerance import tolerance_for_dtype
 
 NAME = "safetensors"
@@ -58,7 +57,7 @@ def detect(path: Path) -> bool:
 def weight_layer_checks(job: ExportJob, path: Path) -> list[LayerCheck]:
     """Each adapted weight in the file is the correctly rounded ``trained_base(W) + ΔW``."""
     files = TensorFolder.open(path)
-    checks = []
+    checks = [config_check(job, path)]
     for module in job.progress(list(job.ckpt.modules.values()), desc="check weights", unit="layer"):
         name = module.weight_name
         if name not in files:
@@ -71,10 +70,35 @@ def weight_layer_checks(job: ExportJob, path: Path) -> list[LayerCheck]:
     return checks
 
 
+CONFIG_FREE_KEYS = ("torch_dtype", "dtype", "quantization_config", "transformers_version", "_name_or_path")
+
+
+def config_check(job: ExportJob, path: Path) -> LayerCheck:
+    """The folder's config.json says what the base's does (verify runs its weights in the base's architecture)."""
+    config = read_json(path / "config.json")
+    differ = [k for k in set(job.base.config) | set(config)
+              if k not in CONFIG_FREE_KEYS and job.base.config.get(k) != config.get(k)]
+    return LayerCheck("config.json", "keys that differ from the base's config" + (f" ({', '.join(sorted(differ)[:4])})"
+                      if differ else ""), float(len(differ)), 0.0)
+
+
 def stored_dtype(path: Path, job: ExportJob) -> torch.dtype:
     files = TensorFolder.open(path)
     first = next(iter(job.ckpt.modules.values())).weight_name
     return files.tensor_dtype(first) if first in files else torch.float32
+
+
+def file_weights(path: Path):
+    """The folder's own weights by Hugging Face name, one tensor at a time (a tied head is the embeddings)."""
+    files = TensorFolder.open(path)
+
+    def weights(name: str, _cache) -> torch.Tensor:
+        if name not in files and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"
+        if name not in files:
+            raise BadInputError(f"{path} has no tensor {name}: is it an export of this checkpoint's base?")
+        return files.get(name).to(torch.float32)
+    return weights
 
 
 def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Artifact:
@@ -82,14 +106,7 @@ def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Art
         raise UnsupportedError(f"a Hugging Face folder runs in transformers, not {runtime!r}")
     path = Path(path)
     dtype = stored_dtype(path, job)
-
-    def logits(prompts):
-        model = load_hf_model(path, torch.float32)
-        try:
-            return model_logits(model, prompts)
-        finally:
-            del model
-
-    return Artifact(format=NAME, path=path, description=f"Hugging Face folder, {str(dtype)[6:]} weights",
-                    tolerance=tolerance_for_dtype(dtype), logits=logits, weight_dtype=dtype,
+    return Artifact(format=NAME, path=path, description=f"Hugging Face folder, {str(dtype)[6:]} weights "
+                    "(run layer by layer in the base's architecture, float32)",
+                    tolerance=tolerance_for_dtype(dtype), logits=None, weights=file_weights(path), weight_dtype=dtype,
                     layer_checks=lambda: weight_layer_checks(job, path))

@@ -31,8 +31,9 @@ from blora_export.numerics import logit_stats
 from blora_export.quant import fold_into_zero_points, quantize_minmax
 from blora_export.reference import DEFAULT_PROMPTS, reference_logits, tokenize_prompts
 from blora_export.spec import MinMaxGrid
+from blora_export.tolerance import FLOOR_FACTOR
 from converters import gguf_model, gguf_runtime, gguf_tokenizer, to_gguf
-from converters.gguf_runtime import FLOOR_FACTOR, gguf_py_model_logits, llama_cpp_logits
+from converters.gguf_runtime import gguf_py_model_logits, llama_cpp_logits
 
 F16_BOUND = 16 * 2.0**-11
 LLAMA_F32_BOUND = 3e-3
@@ -292,6 +293,8 @@ def test_quantized_embeddings_report_their_error(samples, tmp_path):
     types = {t.name: t.tensor_type for t in GGUFReader(str(out)).tensors}
     assert types["token_embd.weight"] == types["output.weight"] == gguf.GGMLQuantizationType.Q4_1
     report = api.verify(samples / "qa-blora-q4_1", out, quiet=True)  # bound: 4 x the same PTQ on the base
-    assert report.passed and "post-training quantization" in report.tolerance.basis, report.to_json()
-    # 4-bit embeddings of a tiny random model are lossy (measured 0.48 relative): verify says so
-    assert any("cannot tell" in note for note in report.notes)
+    assert report.logits_passed and "post-training quantization" in report.tolerance.basis, report.to_json()
+    # 4-bit embeddings of a tiny random model are lossy (measured 0.48 relative): the bound is as wide as the
+    # adapter's effect, so verify reports it inconclusive (exit 1), not PASS
+    assert report.inconclusive and not report.passed
+    assert any("inconclusive" in note for note in report.notes)

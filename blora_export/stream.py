@@ -1,0 +1,186 @@
+"""A forward pass in bounded memory: one decoder layer's weights at a time, several weight sets at once.
+
+The Hugging Face model is built on the meta device (transformers' own modules give each
+family's conventions: rotary halves, GQA, biases, sliding windows). For each part in order —
+the embeddings, every decoder layer, the final norm and head — the part is materialized on the
+CPU, and for each :class:`Stream` its weights are loaded, its hooks attached, and it runs on the
+hidden states that stream carried from the previous part (all prompts, one at a time). Then the
+part is freed. Each base tensor is read from disk once per pass (:class:`PartCache`), however
+many streams use it.
+
+A stream is one model: the training-time model, the base without the adapter, the base with
+a runtime's rounding, or a float-weight artifact read tensor by tensor.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from .base import BaseModel
+
+log = logging.getLogger(__name__)
+EMBED = "model.embed_tokens.weight"
+
+
+class PartCache:
+    """Base tensors (read once) and values derived from them, for the part being run."""
+
+    def __init__(self, base: BaseModel):
+        self.base = base
+        self._values: dict = {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The base's tensor ``name`` (a tied ``lm_head.weight`` is the embeddings)."""
+        if name == "lm_head.weight" and name not in self.base.shards:
+            name = EMBED
+        return self.memo(("base", name), lambda: self.base.tensor(name))
+
+    def memo(self, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._values:
+            self._values[key] = compute()
+        return self._values[key]
+
+    def clear(self) -> None:
+        """Forget this part's tensors, and close the base's files: their memory-mapped pages would
+        otherwise stay resident (and counted) until the whole model had been paged in."""
+        self._values.clear()
+        handles = getattr(self.base, "_handles", None)
+        if isinstance(handles, dict):
+            handles.clear()
+
+
+WeightFn = Callable[[str, PartCache], torch.Tensor]
+HookFn = Callable[[torch.nn.Module, str], list]
+
+
+def base_weights(name: str, cache: PartCache) -> torch.Tensor:
+    return cache.tensor(name).to(torch.float32)
+
+
+@dataclass
+class Stream:
+    """One model run through the layers: where its weights come from and how it computes.
+
+    ``weights(name, cache)`` gives the float32 value of parameter ``name`` (Hugging Face name);
+    ``hooks(module, prefix)`` attaches forward hooks to a materialized part (returns handles).
+    """
+
+    name: str
+    weights: WeightFn = base_weights
+    hooks: Optional[HookFn] = None
+    states: list = field(default_factory=list)
+
+
+def skeleton(base: BaseModel):
+    """The model on the meta device (no memory for weights), eval mode, float32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from .reference import _load_errors
+
+    hf_logging.disable_progress_bar()
+    with _load_errors(f"transformers cannot build the model in {base.path}"):
+        config = AutoConfig.from_pretrained(str(base.path))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+@contextmanager
+def materialized(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` with CPU storage for its parameters, back on the meta device afterwards."""
+    module.to_empty(device="cpu")
+    try:
+        yield module
+    finally:
+        module.to_empty(device="meta")
+
+
+def load_part(module: torch.nn.Module, prefix: str, stream: Stream, cache: PartCache) -> None:
+    with torch.no_grad():
+        for local, param in module.named_parameters():
+            name = f"{prefix}.{local}" if prefix else local
+            value = stream.weights(name, cache)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{stream.name}: {name} has shape {tuple(value.shape)}, "
+                                 f"the model wants {tuple(param.shape)}")
+            param.copy_(value.to(torch.float32))
+
+
+@contextmanager
+def hooked(module: torch.nn.Module, prefix: str, stream: Stream) -> Iterator[None]:
+    handles = stream.hooks(module, prefix) if stream.hooks is not None else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _mask_kind(config, index: int) -> str:
+    """``full_attention`` or ``sliding_attention``, as the model's own forward decides for layer ``index``."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds:  # Qwen2 and newer families: one kind per layer
+        return kinds[index]
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"  # Mistral
+
+
+def causal_mask(config, kind: str, embeds: torch.Tensor, position_ids: torch.Tensor):
+    """The attention mask the model's own forward builds (transformers' masking_utils; keyword names
+    differ between transformers versions, so only those the installed one takes are passed)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+    offered = {"config": config, "inputs_embeds": embeds, "input_embeds": embeds, "attention_mask": None,
+               "cache": None, "past_key_values": None, "cache_position": position_ids[0], "position_ids": position_ids}
+    accepted = inspect.signature(inspect.unwrap(make)).parameters
+    return make(**{k: v for k, v in offered.items() if k in accepted})
+
+
+class StreamedForward:
+    """Run several :class:`Stream` s through a base's architecture, one part at a time."""
+
+    def __init__(self, base: BaseModel, progress: Callable = iter):
+        self.base = base
+        self.progress = progress if progress is not iter else (lambda it, **_: it)
+        self.model = skeleton(base)
+        inner = self.model.model
+        self.rotary = type(inner.rotary_emb)(config=self.model.config)
+
+    def run(self, prompts: Sequence[Sequence[int]], streams: Sequence[Stream]) -> dict[str, list[torch.Tensor]]:
+        """float32 logits ``[len(prompt), vocab]`` per prompt, for every stream (by name)."""
+        inner, cache = self.model.model, PartCache(self.base)
+        ids = [torch.tensor([list(p)], dtype=torch.long) for p in prompts]
+        positions = [torch.arange(x.shape[1])[None] for x in ids]
+        for stream in streams:
+            stream.states = list(ids)
+        with torch.no_grad():
+            rope = [self.rotary(torch.zeros(1, dtype=torch.float32), p) for p in positions]
+            self._part(inner.embed_tokens, "model.embed_tokens", streams, cache, lambda m, h, i: m(h))
+            layers = list(enumerate(inner.layers[: self.model.config.num_hidden_layers]))
+            for index, layer in self.progress(layers, desc="verify layers", unit="layer"):
+                kind = _mask_kind(self.model.config, index)
+
+                def run_layer(m, h, i, kind=kind):
+                    mask = causal_mask(self.model.config, kind, h, positions[i])
+                    out = m(h, attention_mask=mask, position_ids=positions[i], position_embeddings=rope[i])
+                    return out[0] if isinstance(out, tuple) else out
+                self._part(layer, f"model.layers.{index}", streams, cache, run_layer)
+            self._part(inner.norm, "model.norm", streams, cache, lambda m, h, i: m(h))
+            self._part(self.model.lm_head, "lm_head", streams, cache, lambda m, h, i: m(h)[0].float())
+        return {s.name: s.states for s in streams}
+
+    @staticmethod
+    def _part(module, prefix: str, streams: Sequence[Stream], cache: PartCache, step) -> None:
+        """Materialize ``module``, run every stream's states through it with its weights, free it."""
+        with materialized(module):
+            for stream in streams:
+                load_part(module, prefix, stream, cache)
+                with hooked(module, prefix, stream):
+                    stream.states = [step(module, h, i) for i, h in enumerate(stream.states)]
+        cache.clear()
