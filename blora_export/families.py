@@ -13,7 +13,6 @@ llama.cpp's converter and onnxruntime-genai's builder):
 * ``fused``: Linear groups the base itself stores fused (none of the supported rows);
 * ``rope_types``: the rope scalings each writer can represent for this family;
 * ``window_key``: the config key of one attention window shared by every layer (Mistral);
-* ``scaled``: Granite's embedding / attention / residual multipliers and logit divisor (:func:`scales`);
 * ``genai_type``: onnxruntime-genai's ``model.type``; ``mlx_model``: the mlx-lm module that runs it.
 
 An architecture without a row is refused in one line naming the supported ones.
@@ -41,7 +40,6 @@ class Family:
     window_key: Optional[str] = None
     attn_softcap: Optional[str] = None  # config keys of Gemma 2's logit softcaps
     final_softcap: Optional[str] = None
-    scaled: bool = False  # Granite: embedding, attention, residual multipliers and a logit divisor (config)
 
     def unimplemented(self) -> list[str]:
         """Conventions of this row that no writer implements yet (a row that sets one is refused)."""
@@ -58,8 +56,6 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            window_key="sliding_window"),
     Family("qwen2", "QWEN2", permute_qk=False, genai_type="qwen2", mlx_model="qwen2"),
     Family("qwen3", "QWEN3", permute_qk=False, genai_type="qwen3", mlx_model="qwen3", qk_norm=True),
-    # llama.cpp's converter writes Granite as llama with permuted q/k and four scales
-    Family("granite", "GRANITE", permute_qk=True, genai_type="granite", mlx_model="granite", scaled=True),
 )}
 SUPPORTED = tuple(m for m, f in FAMILIES.items() if not f.unimplemented())
 
@@ -73,24 +69,6 @@ def family(model_type: Optional[str]) -> Family:
     if row.unimplemented():
         raise UnsupportedError(f"{model_type}: the writers do not implement its {', '.join(row.unimplemented())} yet")
     return row
-
-
-@dataclass(frozen=True)
-class Scales:
-    """Granite's multipliers (1, head_dim^-0.5, 1, 1 for every other family)."""
-
-    embedding: float
-    attention: float
-    residual: float
-    logits_divisor: float
-
-
-def scales(config: dict) -> Scales:
-    attention = head_dim(config) ** -0.5
-    if not family(config.get("model_type")).scaled:
-        return Scales(1.0, attention, 1.0, 1.0)
-    return Scales(float(config.get("embedding_multiplier", 1.0)), float(config.get("attention_multiplier", attention)),
-                  float(config.get("residual_multiplier", 1.0)), float(config.get("logits_scaling", 1.0)))
 
 
 def head_dim(config: dict) -> int:

@@ -27,7 +27,7 @@ from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter
 
 from blora_export.base import DECODER_LINEAR, rope_parameters
 from blora_export.errors import BadInputError, UnsupportedError
-from blora_export.families import Family, attention_window, family, head_dim, scales
+from blora_export.families import Family, attention_window, family, head_dim
 from blora_export.fold import fold_obstacles, fold_refusal, gguf_grid
 from blora_export.job import ExportJob
 from blora_export.merge import exact_merged_weight, trained_base_weight
@@ -163,12 +163,6 @@ def write_hparams(writer: GGUFWriter, hp: HParams, config: dict, vocab_rows: int
     # llama3: no key; the factors travel as the rope_freqs.weight tensor (tensor_plan)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_vocab_size(vocab_rows)
-    if family(config["model_type"]).scaled:  # Granite: the keys llama.cpp's granite graph reads
-        sc = scales(config)
-        writer.add_embedding_scale(sc.embedding)
-        writer.add_residual_scale(sc.residual)
-        writer.add_attention_scale(sc.attention)
-        writer.add_logit_scale(sc.logits_divisor)
 
 
 def permutation(rows: int, n_head: int) -> torch.Tensor:

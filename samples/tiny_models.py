@@ -49,22 +49,18 @@ __all__ = [
 
 CORPUS_PATH = Path(__file__).resolve().parent / "corpus.txt"
 
-ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3", "granite")
+ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3")
 # Which tokenizer each architecture gets ("llama3" is a LlamaForCausalLM with Llama 3.x conventions).
-TOKENIZER_KIND = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "llama3": "llama3", "qwen3": "bpe", "granite": "bpe"}
+TOKENIZER_KIND = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "llama3": "llama3", "qwen3": "bpe"}
 # Deliberately different per architecture so a converter that ignores rope_theta gets caught.
-ROPE_THETA = {"llama": 10000.0, "mistral": 1000000.0, "qwen2": 1000000.0, "llama3": 10000.0, "qwen3": 1000000.0, "granite": 10000.0}
-RMS_NORM_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6, "llama3": 1e-5, "qwen3": 1e-6, "granite": 1e-5}
+ROPE_THETA = {"llama": 10000.0, "mistral": 1000000.0, "qwen2": 1000000.0, "llama3": 10000.0, "qwen3": 1000000.0}
+RMS_NORM_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6, "llama3": 1e-5, "qwen3": 1e-6}
 MAX_POSITION_EMBEDDINGS = 512
 # Llama 3.x rope scaling with an original context so short (64) that the 8x scaling of the low
 # frequencies changes the tiny model's logits on the 10-20 token prompts: a writer that drops it
 # is caught (Llama 3.2 has factor 32 and 8192; the formula is the same).
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
-# Granite's multipliers, far from 1 so that a writer that drops one is caught (Granite 3.x uses
-# 12 / 0.0078125 / 0.22 / 8; the attention multiplier here is 2x head_dim^-0.5 for peaked attention).
-GRANITE_SCALES = {"embedding_multiplier": 4.0, "attention_multiplier": 2 * 32**-0.5, "residual_multiplier": 0.5,
-                  "logits_scaling": 0.5}
 # Qwen3-0.6B/4B style: head_dim (48) is not hidden/heads (32).
 QWEN3_HEAD_DIM = 48
 
@@ -407,10 +403,6 @@ def _build_config(
 
         common["rope_parameters"] = {"rope_theta": common.pop("rope_theta"), **LLAMA3_ROPE}
         cfg = LlamaConfig(attention_bias=False, mlp_bias=False, **common)
-    elif arch == "granite":
-        from transformers import GraniteConfig
-
-        cfg = GraniteConfig(attention_bias=False, mlp_bias=False, **GRANITE_SCALES, **common)
     elif arch == "qwen3":
         from transformers import Qwen3Config
 
@@ -438,7 +430,6 @@ def _model_class(arch: str):
         "qwen2": transformers.Qwen2ForCausalLM,
         "llama3": transformers.LlamaForCausalLM,
         "qwen3": transformers.Qwen3ForCausalLM,
-        "granite": transformers.GraniteForCausalLM,
     }[arch]
 
 
@@ -612,7 +603,7 @@ def make_base(
         stops = [tok.convert_tokens_to_ids("<|end_of_text|>"), tok.convert_tokens_to_ids("<|eot_id|>")]
         bos_id, eos_id, pad_id = tok.bos_token_id, stops, None  # as in Llama-3.2-Instruct's config.json
         gen_kwargs = dict(bos_token_id=bos_id, eos_token_id=stops)
-    elif arch in ("qwen2", "qwen3", "granite"):
+    elif arch in ("qwen2", "qwen3"):
         eot = tok.convert_tokens_to_ids("<|endoftext|>")
         bos_id, eos_id, pad_id = eot, eot, None  # as in Qwen2 base config.json
         gen_kwargs = dict(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)

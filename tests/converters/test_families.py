@@ -1,8 +1,5 @@
 """The family table (blora_export.families) across every writer, in the real runtimes.
 
-``granite``: GraniteConfig with embedding / attention / residual multipliers and a logit divisor
-far from 1 (transformers' GGUF loader cannot load granite: its GGUF is verified in llama.cpp).
-
 Tiny random bases built offline from transformers' own config classes (samples/tiny_models.py):
 ``llama3`` (LlamaConfig with rope_type llama3, original context 64 so the scaling changes the
 logits of the built-in prompts; Llama-3 byte-level BPE with two stop ids) and ``qwen3``
@@ -113,17 +110,12 @@ def test_gguf_carries_each_family_convention(ckpts, tmp_path):
     assert field(qwen3, "general.architecture") == "qwen3"
     assert {"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
     assert field(qwen3, "qwen3.attention.key_length") == 48 and field(qwen3, "qwen3.attention.value_length") == 48
-    granite = tmp_path / "granite.gguf"
-    api.export(ckpts("granite", "qa-blora"), granite, "gguf", gguf_type="f32", quiet=True)
-    assert field(granite, "general.architecture") == "granite"
-    assert [field(granite, f"granite.{k}") for k in ("embedding_scale", "residual_scale", "logit_scale")] == [4, 0.5, 0.5]
-    assert field(granite, "granite.attention.scale") == pytest.approx(2 * 32**-0.5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("arch", ["llama3", "qwen3", "granite"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
 def test_every_format_matches_training_in_its_runtime(ckpts, tmp_path, arch, method, fmt):
     kind, options, verify_options = FORMATS[fmt]
     if method == "q-blora" and fmt in ("onnx-int4", "mlx"):
@@ -186,15 +178,6 @@ def _break_onnx_llama3(monkeypatch):
     monkeypatch.setattr(onnx_graph, "rope_frequencies", default_rope)
 
 
-def _break_scales(module):
-    def breaker(monkeypatch):
-        from blora_export.families import Scales
-
-        monkeypatch.setattr(module, "scales", lambda config: Scales(1.0, 32**-0.5, 1.0, 1.0))
-
-    return breaker
-
-
 def _break_mlx_llama3(monkeypatch):
     import converters.to_mlx as to_mlx
 
@@ -208,10 +191,7 @@ def _break_mlx_llama3(monkeypatch):
     ("llama3", "mlx", {}, _break_mlx_llama3),
     ("qwen3", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _break_gguf_qk_norm),
     ("qwen3", "onnx", {}, _break_onnx_qk_norm),
-    ("granite", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _break_scales(gguf_model)),
-    ("granite", "onnx", {}, _break_scales(onnx_graph)),
-], ids=["gguf-no-rope_freqs", "onnx-no-llama3-rope", "mlx-no-rope_scaling", "gguf-qk-norm-dropped", "onnx-qk-norm-dropped",
-        "gguf-granite-scales-dropped", "onnx-granite-scales-dropped"])
+], ids=["gguf-no-rope_freqs", "onnx-no-llama3-rope", "mlx-no-rope_scaling", "gguf-qk-norm-dropped", "onnx-qk-norm-dropped"])
 def test_a_broken_convention_fails_verify(ckpts, tmp_path, monkeypatch, arch, kind, options, breaker):
     ckpt = ckpts(arch, "qa-blora")
     options = dict(options)
