@@ -124,9 +124,11 @@ def test_every_format_matches_training_in_its_runtime(ckpts, tmp_path, arch, met
     out = tmp_path / ("model.gguf" if kind == "gguf" else "out")
     api.export(ckpt, out, kind, quiet=True, **options)
     report = api.verify(ckpt, out, quiet=True, **verify_options)
+    if options.get("requantize"):  # 4-bit PTQ of a tiny random model costs as much as the adapter: verify
+        assert report.logits_passed and report.layers_passed, report.to_json()  # says INCONCLUSIVE, not PASS
+        return
     assert report.passed, report.to_json()
-    if not options.get("requantize"):  # (4-bit PTQ of a tiny random model costs as much as the adapter)
-        assert report.logits.max_rel < report.adapter_effect / 4, report.to_json()  # it sees the adapter
+    assert report.logits.max_rel < report.adapter_effect / 4, report.to_json()  # it sees the adapter
 
 
 @pytest.mark.slow
@@ -234,7 +236,9 @@ def test_window_in_onnx_exact_and_in_llama_cpp_only_within_it(windowed, tmp_path
     assert api.verify(windowed, onnx, quiet=True).passed  # prompts longer than the window: in the graph
     gguf = tmp_path / "m.gguf"
     api.export(windowed, gguf, "gguf", gguf_type="f32", quiet=True)
-    short = ["The quick brown fox", "Once upon a time"]  # within the 8-token window
+    short = ["The fox", "Once upon"]
+    from blora_export.reference import load_tokenizer
+    assert all(len(load_tokenizer(api.open_job(windowed, quiet=True).base.path)(p)["input_ids"]) <= 8 for p in short)
     assert api.verify(windowed, gguf, prompts=short, runtime="llama.cpp", quiet=True).passed
     # past the capped context llama.cpp attends to everything: a different model, which verify sees
     assert not api.verify(windowed, gguf, runtime="llama.cpp", quiet=True).passed
@@ -261,7 +265,9 @@ def test_k_quants_come_from_llama_cpp_and_report_their_error(wide, tmp_path, kin
     assert field(out, "blora.encoding") == "llama-quantize" and field(out, "blora.type") == kind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.gguf"]  # no temporary file left
     report = api.verify(wide, out, runtime="llama.cpp", quiet=True)
-    assert report.passed and report.layers_passed, report.to_json()
+    # within 4x what the same llama.cpp quantization does to the base alone; on this tiny random model that
+    # is as large as the adapter's effect, so verify says INCONCLUSIVE rather than PASS
+    assert report.logits_passed and report.layers_passed, report.to_json()
     assert any("post-training quantization" in n for n in report.notes)
 
 
