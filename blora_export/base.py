@@ -13,9 +13,9 @@ from typing import Iterator, Optional
 import torch
 
 from .errors import BadInputError, UnsupportedError, problems_error
+from .families import family
 from .tensor_io import TensorEntry, all_finite, read_header, read_tensor
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "generation_config.json")
@@ -98,10 +98,7 @@ class BaseModel(TensorFolder):
         if not config_file.is_file():
             raise BadInputError(f"base model {path} has no config.json")
         config = read_json(config_file)
-        model_type = config.get("model_type")
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedError(f"base model architecture {model_type!r} is not supported; "
-                                   f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        family(config.get("model_type"))  # an unsupported architecture: one line naming the supported ones
         model = cls(path=path, config=config, shards=index_shards(path))
         problems = model.config_problems()
         if problems:

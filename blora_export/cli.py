@@ -206,15 +206,18 @@ def to_safetensors(ckpt, out_dir, base, merge_into, layout, dtype, max_shard_siz
 
 
 GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_1", "q5_1"]
+# llama.cpp's K-quant mixes, made by its own quantizer (llama-cpp-python) from the merged f32 model
+GGUF_KQUANTS = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
 
 
 @cli.command("to-gguf")
 @click.argument("ckpt", type=click.Path())
 @click.argument("out_file", type=click.Path(dir_okay=False))
 @source_options
-@click.option("--type", "gguf_type", type=click.Choice(GGUF_TYPES), default=None,
+@click.option("--type", "gguf_type", type=click.Choice(GGUF_TYPES + GGUF_KQUANTS), default=None,
               help="Tensor type of the Linear weights (default: q4_1/q5_1 for a QA-BLoRA checkpoint on a "
-                   "1x32 min-max grid, else f16).")
+                   "1x32 min-max grid, else f16). K types (q4_k_m ...) are llama.cpp's quantizer applied "
+                   "to the exactly merged f32 model: post-training quantization, error reported.")
 @click.option("--adapter-only", is_flag=True, help="Write a llama.cpp LoRA adapter GGUF instead of a full model.")
 @click.option("--base-only", is_flag=True,
               help="Write the base the adapter was trained against, without it (what --adapter-only runs on).")

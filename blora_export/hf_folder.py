@@ -93,3 +93,15 @@ def rope_overrides(config: dict) -> dict:
     if rope.get("rope_type", "default") != "default":
         extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     return extra
+
+
+def stop_token_ids(base_path: Path, config: dict) -> list[int]:
+    """The ids generation stops at: ``eos_token_id`` of generation_config.json, else config.json
+    (Llama 3.x lists several: ``<|end_of_text|>``, ``<|eot_id|>``)."""
+    from .base import read_json
+
+    gen_file = Path(base_path) / "generation_config.json"
+    gen = read_json(gen_file) if gen_file.is_file() else {}
+    eos = gen.get("eos_token_id", config.get("eos_token_id"))
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return [int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool)]

@@ -27,6 +27,8 @@ from blora_export.merge import exact_merged_weight
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio
 from blora_export.quant import block_shift, fold_into_zero_points, quantize_minmax, to_row_blocks
 
+from .gguf_kquant import ENCODING as KQUANT_ENCODING
+from .gguf_kquant import KQUANT_TYPES, dequantized, weight_bound
 from .gguf_model import ArchSpec, HParams, arch_spec, permutation, permute_heads
 from .gguf_quants import BLOCKS, QK, TYPE_BY_QTYPE, dequantize, pack_rows, quantize
 
@@ -81,7 +83,7 @@ def _fold_checks(name: str, raw: np.ndarray, qtype, weight: torch.Tensor, module
 
 def _model_checks(job: ExportJob, path: Path, encoding: str) -> list[LayerCheck]:
     arch, hp, tmap = _layout(job)
-    _, tensors = _tensors(path)
+    reader, tensors = _tensors(path)
     checks = []
     for module in job.progress(list(job.ckpt.modules.values()), desc="check weights", unit="layer"):
         name = module.weight_name
@@ -95,6 +97,9 @@ def _model_checks(job: ExportJob, path: Path, encoding: str) -> list[LayerCheck]
             checks.extend(_fold_checks(name, raw, t.tensor_type, weight, module, job, heads))
             continue
         exact = _rows(exact_merged_weight(name, weight, job.ckpt, job.plan), heads)
+        if encoding == KQUANT_ENCODING:
+            checks.append(_kquant_check(name, t, exact, reader))
+            continue
         gtype = TYPE_BY_QTYPE[t.tensor_type]
         if gtype.quantized:
             mismatch = float((raw != quantize(exact, gtype).reshape(raw.shape)).sum())
@@ -105,6 +110,18 @@ def _model_checks(job: ExportJob, path: Path, encoding: str) -> list[LayerCheck]
             checks.append(LayerCheck(name, f"|w - exact| / ulp({gtype.name})", half_ulp_ratio(stored, exact),
                                      HALF_ULP_LIMIT))
     return checks
+
+
+def _kquant_check(name: str, tensor, exact: torch.Tensor, reader: GGUFReader) -> LayerCheck:
+    """llama.cpp's K-quant of the exact merge, dequantized by gguf-py: max error relative to max|w|,
+    under the coarse bound of the file's mix (a wrong tensor or row order fails it; PTQ quality does not)."""
+    field = reader.get_field("blora.type")
+    kquant = KQUANT_TYPES.get(field.contents() if field is not None else None)
+    if kquant is None:
+        return LayerCheck(name, "blora.type names a K-quant type", float("inf"), 0.0)
+    stored = dequantized(tensor).reshape(exact.shape)
+    rel = float((stored - exact).abs().max() / max(float(exact.abs().max()), 1e-30))
+    return LayerCheck(name, f"{kquant.name} (llama.cpp) dequantized vs exact merge (max rel)", rel, weight_bound(kquant))
 
 
 def lora_pairs(path: Path, job: ExportJob) -> Iterator[tuple[AdapterModule, torch.Tensor, torch.Tensor, float]]:

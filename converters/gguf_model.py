@@ -1,4 +1,5 @@
-"""What goes into a GGUF model for llama.cpp: architecture table, hyperparameters, tensor plan.
+"""What goes into a GGUF model for llama.cpp: architecture (the family table's row), hyperparameters,
+tensor plan (plus ``rope_freqs.weight`` for a Llama 3.x rope).
 
 Tensor names come from gguf-py's ``TensorNameMap``. llama.cpp's ``llama`` architecture (which
 also runs Mistral v0.x) rotates adjacent pairs where Hugging Face rotates halves, so the rows of
@@ -14,6 +15,8 @@ How each decoder Linear is stored (:func:`choose_encoding`):
 """
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +27,7 @@ from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter
 
 from blora_export.base import DECODER_LINEAR, rope_parameters
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.families import Family, attention_window, family, head_dim
 from blora_export.fold import fold_obstacles, fold_refusal, gguf_grid
 from blora_export.job import ExportJob
 from blora_export.merge import exact_merged_weight, merged_weight, trained_base_weight
@@ -36,30 +40,32 @@ from .gguf_quants import GGUF_TYPES, MIN_TYPE_FOR_BITS, QK, GGUFType, dequantize
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """How a Hugging Face architecture is written for llama.cpp."""
+    """How a Hugging Face architecture is written for llama.cpp: its row of the family table."""
 
-    gguf_arch: MODEL_ARCH
-    permute_qk: bool  # llama.cpp's llama graph rotates adjacent pairs: permute q/k rows
+    family: Family
+
+    @property
+    def gguf_arch(self) -> MODEL_ARCH:
+        return MODEL_ARCH[self.family.gguf_arch]
+
+    @property
+    def permute_qk(self) -> bool:  # llama.cpp's llama graph rotates adjacent pairs: permute q/k rows
+        return self.family.permute_qk
 
     @property
     def name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
 
-ARCHS: dict[str, ArchSpec] = {
-    "llama": ArchSpec(MODEL_ARCH.LLAMA, permute_qk=True),
-    "mistral": ArchSpec(MODEL_ARCH.LLAMA, permute_qk=True),  # Mistral v0.x runs as llama
-    "qwen2": ArchSpec(MODEL_ARCH.QWEN2, permute_qk=False),
-}
 # Non-parameter buffers some checkpoints carry; llama.cpp computes them itself.
 BUFFERS = ("rotary_emb.inv_freq",)
 ROLE_EMBED = ("token_embd.weight", "output.weight")
+ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+log = logging.getLogger(__name__)
 
 
 def arch_spec(model_type: str) -> ArchSpec:
-    if model_type not in ARCHS:
-        raise UnsupportedError(f"GGUF export supports {', '.join(ARCHS)}, not {model_type!r}")
-    return ARCHS[model_type]
+    return ArchSpec(family(model_type))
 
 
 def rope_theta(config: dict) -> float:
@@ -70,11 +76,36 @@ def rope_theta(config: dict) -> float:
 def _rope_scaling(config: dict) -> Optional[tuple[str, float]]:
     params = rope_parameters(config)
     kind = params["rope_type"]
-    if kind in (None, "default"):
+    allowed = family(config["model_type"]).rope_types
+    if kind not in allowed:
+        raise UnsupportedError(f"rope scaling {kind!r} is not supported by the GGUF export of "
+                               f"{config['model_type']} ({', '.join(allowed)} are)")
+    if kind == "default":
         return None
-    if kind == "linear":
-        return "linear", float(params["factor"])
-    raise UnsupportedError(f"rope scaling {kind!r} is not supported by the GGUF export (default and linear are)")
+    return kind, float(params["factor"])
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """``rope_freqs.weight`` of a Llama 3.x rope (F32, head_dim/2): llama.cpp divides each
+    frequency by its factor, which reproduces transformers' ``_compute_llama3_parameters``
+    (same formula as llama.cpp's convert_hf_to_gguf.py ``LlamaModel.generate_extra_tensors``)."""
+    params = rope_parameters(config)
+    dim = head_dim(config)
+    freqs = 1.0 / (float(params["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    orig = float(params.get("original_max_position_embeddings", 8192))
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < orig / high:
+            out.append(1.0)
+        elif wavelen > orig / low:
+            out.append(factor)
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -89,6 +120,13 @@ class HParams:
     rms_eps: float
     theta: float
     tied: bool
+    window: Optional[int] = None  # one attention window shorter than the context (Mistral)
+
+    @property
+    def context_written(self) -> int:
+        """``context_length`` of the file: capped at the window, where attention over the whole
+        context and the window's attention are the same computation."""
+        return self.context if self.window is None else min(self.context, self.window)
 
     @classmethod
     def from_config(cls, config: dict) -> "HParams":
@@ -98,16 +136,16 @@ class HParams:
             return cls(n_layers=int(config["num_hidden_layers"]), hidden=hidden,
                        intermediate=int(config["intermediate_size"]), n_head=n_head,
                        n_kv_head=int(config.get("num_key_value_heads") or n_head),
-                       head_dim=int(config.get("head_dim") or hidden // n_head),
+                       head_dim=head_dim(config),
                        context=int(config.get("max_position_embeddings", 2048)),
                        rms_eps=float(config.get("rms_norm_eps", 1e-6)), theta=rope_theta(config),
-                       tied=bool(config.get("tie_word_embeddings", False)))
+                       tied=bool(config.get("tie_word_embeddings", False)), window=attention_window(config))
         except KeyError as exc:
             raise BadInputError(f"config.json lacks {exc.args[0]!r}") from None
 
 
 def write_hparams(writer: GGUFWriter, hp: HParams, config: dict, vocab_rows: int) -> None:
-    writer.add_context_length(hp.context)
+    writer.add_context_length(hp.context_written)
     writer.add_embedding_length(hp.hidden)
     writer.add_block_count(hp.n_layers)
     writer.add_feed_forward_length(hp.intermediate)
@@ -119,9 +157,10 @@ def write_hparams(writer: GGUFWriter, hp: HParams, config: dict, vocab_rows: int
     writer.add_rope_dimension_count(hp.head_dim)
     writer.add_rope_freq_base(hp.theta)
     scaling = _rope_scaling(config)
-    if scaling is not None:
+    if scaling is not None and scaling[0] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling[1])
+    # llama3: no key; the factors travel as the rope_freqs.weight tensor (tensor_plan)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_vocab_size(vocab_rows)
 
@@ -150,7 +189,7 @@ class TensorSpec:
     source: str  # Hugging Face name
     shape: tuple[int, ...]  # PyTorch shape ([out, in] or [n])
     gtype: GGUFType
-    role: str  # "norm" (1-D, F32), "embed" (token_embd/output), "linear" (decoder Linear)
+    role: str  # "norm" (1-D, F32), "embed" (token_embd/output), "linear" (decoder Linear), "rope_freqs"
     heads: Optional[int]  # permute rows with this head count
 
     def writer_info(self) -> tuple[tuple[int, ...], np.dtype, int, Optional[GGMLQuantizationType]]:
@@ -175,6 +214,8 @@ def tensor_plan(job: ExportJob, arch: ArchSpec, hp: HParams, gtype: GGUFType, qu
     embed_type = gtype if quantize_embeddings and gtype.quantized else (
         GGUF_TYPES["f32"] if gtype.name == "f32" else GGUF_TYPES["f16"])
     specs, names = [], job.base.names()
+    if (_rope_scaling(job.base.config) or ("default",))[0] == "llama3":  # llama3: factors as a tensor
+        specs.append(TensorSpec(ROPE_FREQS, "", (hp.head_dim // 2,), GGUF_TYPES["f32"], "rope_freqs", None))
     if not hp.tied and "lm_head.weight" not in names:
         raise BadInputError(f"{job.base.path}: config says untied embeddings but there is no lm_head.weight")
     for source in names:
@@ -247,6 +288,8 @@ def _rows(x: torch.Tensor, heads: Optional[int]) -> torch.Tensor:
 
 def encode_tensor(spec: TensorSpec, ctx: EncodeContext) -> np.ndarray:
     """The bytes (or float array) of one tensor; reads one base tensor."""
+    if spec.role == "rope_freqs":
+        return llama3_rope_factors(ctx.job.base.config)
     job, weight = ctx.job, ctx.job.base.tensor(spec.source)
     if spec.role == "norm":
         return np.ascontiguousarray(_rows(weight.to(torch.float32), spec.heads).numpy())

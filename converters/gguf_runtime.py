@@ -56,6 +56,7 @@ from blora_export.stream import Stream, StreamedForward
 from blora_export.tolerance import Tolerance, floor_tolerance, tolerance_for_dtype
 
 from .gguf_checks import _layout, _tensors, layer_checks, lora_pairs, unpermute_rows
+from .gguf_kquant import ENCODING as KQUANT_ENCODING
 from .gguf_model import permute_heads
 from .gguf_quants import GGUF_TYPES, TYPE_BY_QTYPE, dequantize, quantize
 
@@ -282,17 +283,22 @@ def _weights_plan(path: Path, job: ExportJob, info: GGUFInfo, types: dict):
 
 
 def open_gguf(path: Path, job: ExportJob, runtime: Optional[str]) -> Artifact:
+    info = read_info(path)
+    if info.encoding == KQUANT_ENCODING:  # llama.cpp's own K-quant mix: its floor needs llama.cpp's quantizer
+        if runtime not in (None, "llama.cpp"):
+            raise UnsupportedError(f"{path.name} is a {info.type_name} K-quant made by llama.cpp's quantizer: "
+                                   "verify it with --runtime llama.cpp")
+        runtime = "llama.cpp"
     runtime = runtime or "gguf-py"
     if runtime not in RUNTIMES:
         raise UnsupportedError(f"a GGUF runs in {' or '.join(RUNTIMES)}, not {runtime!r}")
-    info = read_info(path)
     if info.content == "base":
         raise UnsupportedError(f"{path} is a --base-only file (the base without the adapter): verify the model "
                                "export, or an --adapter-only file (which is run on such a base)")
     notes = []
     if info.checkpoint_sha256 and info.checkpoint_sha256 != job.ckpt.sha256:
         notes.append(f"{path.name} was written from another checkpoint (sha256 {info.checkpoint_sha256[:12]}...)")
-    if info.encoding == "requantize" or info.embeddings_quantized:
+    if info.encoding in ("requantize", KQUANT_ENCODING) or info.embeddings_quantized:
         notes.append("post-training quantization: the file approximates the trained function (the export's "
                      "ptq_error gives the weight error); the bound is what the same re-quantization costs the "
                      "base as trained without the adapter")
@@ -317,7 +323,35 @@ def _gguf_py(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifa
                                 "in the base's architecture", notes=notes)
 
 
+def _llama_cpp_kquant(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifact:
+    """A K-quant in llama.cpp. Its floor: llama.cpp's error on a --base-only file of the same K type (the
+    base as trained, quantized by the same llama.cpp quantizer), against the base as trained, on the same prompts."""
+    from .to_gguf import export
+
+    seen: dict = {}
+
+    def logits(prompts):
+        seen["ids"] = [list(p) for p in prompts]
+        return llama_cpp_logits(path, prompts)
+
+    def bound(out: dict) -> Tolerance:
+        ids = seen.get("ids") or tokenize_prompts(job.base, DEFAULT_PROMPTS)
+        with tempfile.TemporaryDirectory(prefix="blora-gguf-floor-") as tmp:
+            base = Path(tmp) / "base.gguf"
+            export(replace(job, progress=lambda it, **_: it), base, gguf_type=info.type_name, base_only=True)
+            floor = llama_cpp_logits(base, ids)
+        return floor_tolerance(logit_stats(out["without"], floor),
+                               f"llama.cpp's {info.type_name} quantization and arithmetic (a --base-only "
+                               f"{info.type_name} file of the base as trained, in llama.cpp)",
+                               tolerance_for_dtype(torch.float16))
+    return Artifact(format="gguf", path=path, tolerance=tolerance_for_dtype(torch.float16), logits=logits,
+                    bound=bound, layer_checks=lambda: layer_checks(path, job, info.encoding), notes=notes,
+                    description=f"GGUF {info.type_name} (llama.cpp's K-quant of the exact merge) in llama.cpp")
+
+
 def _llama_cpp(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifact:
+    if info.encoding == KQUANT_ENCODING:
+        return _llama_cpp_kquant(path, job, info, notes)
     checks = lambda: layer_checks(path, job, info.encoding)  # noqa: E731
     if info.content == "adapter":
         types = {n: GGMLQuantizationType.F32 for n in job.base.names()}

@@ -27,6 +27,7 @@ from gguf import GGUFWriter, SpecialVocab, TokenType
 
 from blora_export.base import read_json
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.hf_folder import stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ PRE_TOKENIZERS: dict[str, str] = {
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""":
         "llama-bpe",
 }
+# Texts of end-of-turn / end-of-message tokens (llama.cpp's EOT / EOM ids).
+EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
+EOM_TEXTS = ("<|eom_id|>",)
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 PAD_SCORE = -1000.0
 
@@ -203,6 +207,24 @@ def quiet_logger(name: str, level: int) -> Iterator[None]:
         logger.setLevel(before)
 
 
+def stop_kinds(vocab: Vocab, stops: list[int], eos: Optional[int]) -> dict[str, int]:
+    """``eot`` / ``eom`` ids for the model's stop ids other than its EOS, by their text, so llama.cpp
+    stops where the base model stops; a stop id of another text relies on llama.cpp's own list."""
+    kinds: dict[str, int] = {}
+    for token_id in stops:
+        if token_id == eos or not 0 <= token_id < len(vocab):
+            continue
+        text = vocab.tokens[token_id].decode("utf-8", "replace")
+        if text in EOT_TEXTS:
+            kinds.setdefault("eot", token_id)
+        elif text in EOM_TEXTS:
+            kinds.setdefault("eom", token_id)
+        else:
+            log.info("stop id %d (%s) is neither EOS nor an end-of-turn token: llama.cpp stops at it only if it "
+                     "recognises the text", token_id, text)
+    return kinds
+
+
 def write_tokenizer(writer: GGUFWriter, base: Path, rows: int) -> dict:
     """Write ``tokenizer.ggml.*`` for the tokenizer in ``base``; return a summary for the result details."""
     vocab = fit_to_rows(read_vocab(base), rows)
@@ -218,8 +240,11 @@ def write_tokenizer(writer: GGUFWriter, base: Path, rows: int) -> dict:
     if vocab.model == "gpt2" and not special.merges:
         raise BadInputError(f"{base}: a byte-level BPE tokenizer needs its merges (tokenizer.json or merges.txt)")
     special.add_special_token.update(hf_adds_special(base))
+    stops = stop_token_ids(base, read_json(base / "config.json") if (base / "config.json").is_file() else {})
+    for kind, token_id in stop_kinds(vocab, stops, special.special_token_ids.get("eos")).items():
+        special.special_token_ids[kind] = token_id
     special.add_to_gguf(writer, quiet=True)
-    return {"model": vocab.model, "pre": vocab.pre, "tokens": len(vocab), "source": vocab.source,
+    return {"stop_ids": stops, "model": vocab.model, "pre": vocab.pre, "tokens": len(vocab), "source": vocab.source,
             "special_ids": dict(sorted(special.special_token_ids.items())),
             "add_bos": special.add_special_token.get("bos"), "merges": len(special.merges),
             "chat_template": special.chat_template is not None}

@@ -1,11 +1,12 @@
-"""The ONNX decoder graph (llama / mistral / qwen2), built node by node with ``onnx.helper``.
+"""The ONNX decoder graph (the families of blora_export.families), built node by node with ``onnx.helper``.
 
 One route, kept in this module: the graph is written directly from the Hugging Face config,
 in plain opset-21 operators (plus ``com.microsoft::MatMulNBits`` for int4 weights), so the
 output is deterministic and needs neither ``torch.onnx`` nor a model builder. It mirrors
 transformers' modeling code, in float32 activations:
 
-* RMSNorm ``x / sqrt(mean(x²) + eps) * w``; rotary embedding ``x·cos + rotate_half(x)·sin`` with
+* RMSNorm ``x / sqrt(mean(x²) + eps) * w`` (also per head on q and k where the family has q/k
+  norms); rotary embedding ``x·cos + rotate_half(x)·sin`` with
   ``inv_freq`` computed exactly as transformers does (float32), ``cos/sin`` from ``position_ids``;
 * grouped-query attention without repeating K/V: queries are viewed as
   ``[B, n_kv, n_rep·S, d]`` (query head ``h`` uses K/V head ``h // n_rep``, as ``repeat_kv``);
@@ -27,6 +28,7 @@ from onnx import TensorProto, helper
 
 from blora_export.base import rope_parameters
 from blora_export.errors import UnsupportedError
+from blora_export.families import attention_window, family, head_dim
 
 IR_VERSION = 10
 OPSET = 21
@@ -104,21 +106,23 @@ class DecoderSpec:
     sliding_window: Optional[int]
     tied: bool
     context_length: int
+    qk_norm: bool = False  # per-head RMSNorm of q and k before the rotation (Qwen3)
 
     @classmethod
     def from_config(cls, config: dict, path=None) -> "DecoderSpec":
         if config.get("hidden_act", "silu") not in ("silu", "swish"):
             raise UnsupportedError(f"hidden_act {config.get('hidden_act')!r}: the ONNX export writes SwiGLU (silu) MLPs")
         heads = int(config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
-        inv_freq, factor = rope_frequencies(config, head_dim, path)
+        dim = head_dim(config)
+        inv_freq, factor = rope_frequencies(config, dim, path)
         return cls(model_type=config["model_type"], num_layers=int(config["num_hidden_layers"]),
                    hidden=int(config["hidden_size"]), intermediate=int(config["intermediate_size"]),
                    vocab=int(config["vocab_size"]), heads=heads,
-                   kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=head_dim,
+                   kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=dim,
                    eps=float(config.get("rms_norm_eps", 1e-6)), inv_freq=inv_freq, rope_scaling=factor,
                    sliding_window=sliding_window(config), tied=bool(config.get("tie_word_embeddings", False)),
-                   context_length=int(config.get("max_position_embeddings", 4096)))
+                   context_length=int(config.get("max_position_embeddings", 4096)),
+                   qk_norm=family(config["model_type"]).qk_norm)
 
 
 def rope_frequencies(config: dict, head_dim: int, path=None) -> tuple[tuple[float, ...], float]:
@@ -142,11 +146,8 @@ def rope_frequencies(config: dict, head_dim: int, path=None) -> tuple[tuple[floa
 
 
 def sliding_window(config: dict) -> Optional[int]:
-    if config["model_type"] == "qwen2" and config.get("use_sliding_window"):
-        raise UnsupportedError("qwen2 with use_sliding_window=true (per-layer windows) is not supported; "
-                               "export a config with use_sliding_window=false")
-    window = config.get("sliding_window") if config["model_type"] == "mistral" else None
-    return int(window) if window else None
+    """The one attention window of the family table (written into the mask)."""
+    return attention_window(config)
 
 
 class Graph:
@@ -256,8 +257,13 @@ def attention(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvid
     hd, nh, nkv = spec.head_dim, spec.heads, spec.kv_heads
     qkv = linear(g, x, weights.linear(i, LINEAR_GROUPS[0]), f"model.layers.{i}.attn.qkv_proj")
     q, k, v = g.op("Split", [qkv, g.const([nh * hd, nkv * hd, nkv * hd])], outputs=3, axis=-1)
-    q = apply_rotary(g, heads_first(g, q, nh, hd), ctx["cos"], ctx["sin"], hd)
-    k = apply_rotary(g, heads_first(g, k, nkv, hd), ctx["cos"], ctx["sin"], hd)
+    q, k = heads_first(g, q, nh, hd), heads_first(g, k, nkv, hd)
+    if spec.qk_norm:  # RMSNorm over each head's d values, before the rotation
+        prefix = f"model.layers.{i}.self_attn"
+        q = rms_norm(g, q, weights.tensor(f"{prefix}.q_norm.weight"), spec.eps, f"{prefix}.q_norm.weight")
+        k = rms_norm(g, k, weights.tensor(f"{prefix}.k_norm.weight"), spec.eps, f"{prefix}.k_norm.weight")
+    q = apply_rotary(g, q, ctx["cos"], ctx["sin"], hd)
+    k = apply_rotary(g, k, ctx["cos"], ctx["sin"], hd)
     k_all = g.op("Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
     v_all = g.op("Concat", [f"past_key_values.{i}.value", heads_first(g, v, nkv, hd)],
                  outputs=[f"present.{i}.value"], axis=2)

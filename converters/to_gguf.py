@@ -2,7 +2,7 @@
 
 ``blora-export to-gguf CKPT OUT.gguf [--type T] [--adapter-only | --base-only] [--requantize]``
 
-* A complete model (architectures llama, mistral written as llama, qwen2): hyperparameters,
+* A complete model (the families of :mod:`blora_export.families`): hyperparameters,
   tokenizer, ``general.*`` and provenance under ``blora.*``. Norms are F32; token embeddings and
   the output head F16 (F32 with ``--type f32``; ``--quantize-embeddings`` quantizes them, with
   the error reported); a tied head writes no ``output`` tensor.
@@ -12,6 +12,8 @@
   of :func:`blora_export.delta.lora_factors`; it applies on top of the base the adapter was
   trained against, which ``--base-only`` writes (for a min-max grid: its own codes).
 * ``--base-only``: that base, without the adapter (also the runtime noise floor's reference).
+* ``--type q4_k_m`` and the other K-quant mixes: llama.cpp's own quantizer on the exactly merged
+  f32 file (:mod:`converters.gguf_kquant`; post-training quantization, its error reported).
 
 Written in one pass, one base tensor in memory at a time (tensor infos first, then each tensor's
 data as it is made), to a temporary file renamed at the end. Deterministic bytes.
@@ -37,6 +39,7 @@ from blora_export.job import Artifact, ExportJob, ExportResult
 from blora_export.ptq import PtqError
 from blora_export.tensor_io import one_thread
 
+from .gguf_kquant import ENCODING, KQUANT_TYPES, export_kquant
 from .gguf_model import (
     ArchSpec,
     EncodeContext,
@@ -65,7 +68,7 @@ def _gguf_type(name: str | None, job: ExportJob) -> GGUFType:
     if name is None:
         return default_type(job)
     if name not in GGUF_TYPES:
-        raise UnsupportedError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {name!r}")
+        raise UnsupportedError(f"--type must be one of {', '.join([*GGUF_TYPES, *KQUANT_TYPES])}, got {name!r}")
     return GGUF_TYPES[name]
 
 
@@ -130,7 +133,18 @@ def export(job: ExportJob, out: Path, gguf_type: str | None = None, adapter_only
         raise UnsupportedError("--adapter-only and --base-only write two different files: run to-gguf twice")
     arch = arch_spec(job.base.model_type)
     hp = HParams.from_config(job.base.config)
-    if adapter_only:
+    if gguf_type in KQUANT_TYPES and not adapter_only:
+        if quantize_embeddings:
+            raise UnsupportedError(f"--type {gguf_type} is llama.cpp's mix: it chooses the embedding types itself; "
+                                   "drop --quantize-embeddings")
+        kquant = KQUANT_TYPES[gguf_type]
+        label = {"type": kquant.name, "encoding": ENCODING,
+                 "encoding_detail": f"post-training quantization by llama.cpp's llama_model_quantize ({kquant.ftype}) "
+                                    "of the exactly merged f32 model"}
+        encoding = ("float", "trained base + ΔW from float64, correctly rounded to f32 (llama.cpp's quantizer input)")
+        details = export_kquant(Path(out), kquant, lambda src: _export_model(
+            job, src, arch, hp, GGUF_TYPES["f32"], encoding, False, base_only, label))
+    elif adapter_only:
         if requantize or quantize_embeddings or force_requantize:
             raise UnsupportedError("--requantize and --quantize-embeddings apply to full models, not --adapter-only")
         details = _export_adapter(job, Path(out), arch, hp, gguf_type)
@@ -144,7 +158,8 @@ def export(job: ExportJob, out: Path, gguf_type: str | None = None, adapter_only
 
 
 def _export_model(job: ExportJob, out: Path, arch: ArchSpec, hp: HParams, gtype: GGUFType, encoding: tuple[str, str],
-                  quantize_embeddings: bool, base_only: bool) -> dict:
+                  quantize_embeddings: bool, base_only: bool, label: dict | None = None) -> dict:
+    """A complete model file; ``label`` overrides the provenance's type/encoding (the f32 input of a K-quant)."""
     encoding, how = encoding
     specs = tensor_plan(job, arch, hp, gtype, quantize_embeddings)
     rows = next(s.shape[0] for s in specs if s.name == "token_embd.weight")
@@ -152,18 +167,22 @@ def _export_model(job: ExportJob, out: Path, arch: ArchSpec, hp: HParams, gtype:
     content = "base" if base_only else "model"
     summary: dict = {}
 
+    window = window_note(hp)
+    extra = {"attention_window": window} if window else {}
+
     def write_kv(writer: GGUFWriter) -> None:
         _write_general(writer, job, "model", content, gtype)
         write_hparams(writer, hp, job.base.config, rows)
         summary.update(write_tokenizer(writer, job.base.path, rows))
         write_provenance(writer, provenance(job, {"format": NAME, "content": content, "type": gtype.name,
-                                                  "encoding": encoding, "encoding_detail": how}))
+                                                  "encoding": encoding, "encoding_detail": how, **extra,
+                                                  **(label or {})}))
 
     _write_gguf(out, arch, write_kv, specs, lambda s: encode_tensor(s, ctx), job.progress)
     details = {"architecture": arch.name, "content": content, "type": gtype.name, "encoding": encoding,
                "linear_weights": how, "tensors": len(specs), "tied_output": hp.tied,
                "embeddings": next(s.gtype.name for s in specs if s.name == "token_embd.weight"),
-               "norms": "f32", "tokenizer": summary, "merge": job.plan.describe()}
+               "norms": "f32", "tokenizer": summary, "merge": job.plan.describe(), **extra}
     if ctx.ptq.tensors:
         details["ptq_error"] = ctx.ptq.to_json()
     if ctx.embed_ptq.tensors:
@@ -171,6 +190,18 @@ def _export_model(job: ExportJob, out: Path, arch: ArchSpec, hp: HParams, gtype:
     if base_only:
         details["note"] = "the base the adapter was trained against, without the adapter (for --adapter-only)"
     return details
+
+
+def window_note(hp: HParams) -> str:
+    """Mistral's attention window: llama.cpp's llama graph has none, so the file's context is capped
+    at the window, where both attend to every earlier token (the exact equivalent); said once."""
+    if hp.window is None:
+        return ""
+    note = (f"context_length capped at the attention window ({hp.window} < max_position_embeddings "
+            f"{hp.context}): llama.cpp's llama graph has no sliding window, and within the window both attend "
+            "to every earlier token; longer prompts would compute a different model")
+    log.warning("%s", note)
+    return note
 
 
 def adapter_rank(module: AdapterModule) -> int:

@@ -27,6 +27,7 @@ import torch
 from blora_export.base import TensorFolder, read_json
 from blora_export.delta import delta_weight
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.families import attention_window
 from blora_export.fold import fold_obstacles, fold_refusal, mlx_grid
 from blora_export.hf_folder import PROVENANCE_FILE, provenance, rope_overrides, write_hf_config, write_shards
 from blora_export.io import atomic_dir
@@ -226,6 +227,17 @@ def mlx_config_extra(job: ExportJob, mplan: MlxPlan) -> dict:
             **rope_overrides(job.base.config)}
 
 
+def check_window(job: ExportJob) -> None:
+    """mlx-lm runs Mistral as llama without a window (and its llama needs one full-attention layer):
+    a base whose one window is shorter than its context would run as a different model."""
+    window = attention_window(job.base.config)
+    if window is not None:
+        raise UnsupportedError(
+            f"{job.base.model_type} attends within a sliding window of {window} tokens (max_position_embeddings "
+            f"{job.base.config.get('max_position_embeddings')}) and mlx-lm's {job.base.model_type} has no window: "
+            "export to ONNX (the window is in the graph) or GGUF (context capped at the window)")
+
+
 def default_bias_dtype(job: ExportJob) -> str:
     """float32 biases unless the checkpoint trained fold-aware with float16 β' (then float16 is exact):
     float16 biases round each folded β' once more, which costs 6x mlx-lm's own noise on the logits
@@ -239,6 +251,7 @@ def default_bias_dtype(job: ExportJob) -> str:
 def export(job: ExportJob, out: Path, bits: Optional[int] = None, group_size: Optional[int] = None,
            bias_dtype: Optional[str] = None, requantize: bool = False) -> ExportResult:
     start = time.perf_counter()
+    check_window(job)
     if bias_dtype is None:
         bias_dtype = default_bias_dtype(job)
         log.info("MLX scales/biases: %s (%s)", bias_dtype, "exact: the checkpoint trained with float16 β'"

@@ -30,6 +30,7 @@ import torch
 from blora_export.base import DECODER_LINEAR, read_json
 from blora_export.emulate import Arithmetic, Rule
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.families import family
 from blora_export.fold import fold_obstacles, fold_refusal, onnx_grid
 from blora_export.hf_folder import PROVENANCE_FILE, provenance
 from blora_export.io import atomic_dir
@@ -58,7 +59,6 @@ BLOCK_SIZES = (16, 32, 64, 128)
 DEFAULT_BLOCKS = (32, 16)  # a block that folds 64 or 128 also folds 32; 16 serves λi = 16
 ACCURACY_LEVELS = (0, 4)
 DECODE_BOUND = 1e-5  # float32 activations: cached K/V are the same numbers, only op order differs
-GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 INT4_TOLERANCES = {
     ("exact", 0): Tolerance(
@@ -199,7 +199,7 @@ def genai_config(job: ExportJob, spec: DecoderSpec) -> dict:
                "num_key_value_heads": spec.kv_heads}
     model = {"bos_token_id": config.get("bos_token_id", 1), "context_length": spec.context_length,
              "decoder": decoder, "eos_token_id": eos, "pad_token_id": first_eos if pad is None else pad,
-             "type": GENAI_TYPES[spec.model_type], "vocab_size": spec.vocab}
+             "type": family(spec.model_type).genai_type, "vocab_size": spec.vocab}
     search = {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
               "max_length": spec.context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
               "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,

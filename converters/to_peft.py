@@ -15,6 +15,7 @@ quantized one; ``--merge-into original``: the original weights ``W``), so both r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -30,11 +31,14 @@ from blora_export.base import BaseModel
 from blora_export.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BLORA_CONFIG, read_json, resolve_base_path
 from blora_export.delta import AdapterModule, delta_weight, lora_factors
 from blora_export.errors import BadInputError, BloraError, UnsupportedError
+from blora_export.families import attention_window
 from blora_export.hf_folder import PROVENANCE_FILE, provenance, rope_overrides
 from blora_export.io import atomic_dir
 from blora_export.job import Artifact, ExportJob, ExportResult, LayerCheck
 from blora_export.reference import apply_trained_base, load_hf_model, model_logits
 from blora_export.tolerance import TOLERANCES
+
+log = logging.getLogger(__name__)
 
 NAME = "peft"
 DESCRIPTION = "standard LoRA adapter (PEFT folder, or mlx-lm adapter folder), exact"
@@ -186,6 +190,12 @@ def export(job: ExportJob, out: Path, layout: str = "peft") -> ExportResult:
     start = time.perf_counter()
     with atomic_dir(out) as tmp:
         info = write_peft(job, tmp, Path(out)) if layout == "peft" else write_mlx(job, tmp)
+        window = attention_window(job.base.config) if layout == "mlx" else None
+        if window is not None:
+            info["window_note"] = (f"the base attends within a {window}-token sliding window that mlx-lm's "
+                                   f"{job.base.model_type} does not implement: prompts longer than the window "
+                                   "run a different model there")
+            log.warning("%s", info["window_note"])
         extra = {"format": NAME, "layout": layout, "applies_to": "any base: base + ΔW", **info}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance(job, extra), indent=2) + "\n")
     details = {"layout": layout, "adapted_modules": len(job.ckpt.modules), **info,

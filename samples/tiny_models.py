@@ -49,13 +49,20 @@ __all__ = [
 
 CORPUS_PATH = Path(__file__).resolve().parent / "corpus.txt"
 
-ARCHS = ("llama", "mistral", "qwen2")
-# Which tokenizer each architecture gets.
-TOKENIZER_KIND = {"llama": "spm", "mistral": "spm", "qwen2": "bpe"}
+ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3")
+# Which tokenizer each architecture gets ("llama3" is a LlamaForCausalLM with Llama 3.x conventions).
+TOKENIZER_KIND = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "llama3": "llama3", "qwen3": "bpe"}
 # Deliberately different per architecture so a converter that ignores rope_theta gets caught.
-ROPE_THETA = {"llama": 10000.0, "mistral": 1000000.0, "qwen2": 1000000.0}
-RMS_NORM_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6}
+ROPE_THETA = {"llama": 10000.0, "mistral": 1000000.0, "qwen2": 1000000.0, "llama3": 10000.0, "qwen3": 1000000.0}
+RMS_NORM_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6, "llama3": 1e-5, "qwen3": 1e-6}
 MAX_POSITION_EMBEDDINGS = 512
+# Llama 3.x rope scaling with an original context so short (64) that the 8x scaling of the low
+# frequencies changes the tiny model's logits on the 10-20 token prompts: a writer that drops it
+# is caught (Llama 3.2 has factor 32 and 8192; the formula is the same).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+# Qwen3-0.6B/4B style: head_dim (48) is not hidden/heads (32).
+QWEN3_HEAD_DIM = 48
 
 # ---------------------------------------------------------------------------------------------
 # chat templates
@@ -88,6 +95,20 @@ CHATML_CHAT_TEMPLATE = (
 )
 
 QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# Llama 3's special tokens (a subset: the reserved ones are left out) and its chat template.
+LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>")
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+# Llama 3's split regex (llama.cpp's pre-tokenizer "llama-bpe").
+LLAMA3_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 # Same split regex as transformers' Qwen2Tokenizer / the real Qwen2 tokenizer.json.
 QWEN2_PRETOKENIZE_REGEX = (
@@ -199,13 +220,13 @@ def _make_spm_tokenizer(out_dir: Path, vocab_size: int, corpus: Path | None = No
     _write_special_tokens_map(out_dir, tok)
 
 
-def _make_bpe_tokenizer(out_dir: Path, vocab_size: int) -> None:
+def _train_byte_bpe(vocab_size: int, regex: str, specials: tuple[str, ...]):
+    """A byte-level BPE (``tokenizers``) trained on the corpus, ``specials`` appended after it."""
     from tokenizers import AddedToken as TkAddedToken
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
     from tokenizers.models import BPE
-    from transformers import Qwen2Tokenizer
 
-    n_special = len(QWEN2_SPECIAL_TOKENS)
+    n_special = len(specials)
     n_regular = vocab_size - n_special
     if n_regular <= 256:
         raise ValueError(f"bpe vocab_size must exceed 256 + {n_special}, got {vocab_size}")
@@ -216,7 +237,7 @@ def _make_bpe_tokenizer(out_dir: Path, vocab_size: int) -> None:
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -235,8 +256,51 @@ def _make_bpe_tokenizer(out_dir: Path, vocab_size: int) -> None:
             f"corpus too small for a byte-level BPE of {vocab_size} tokens "
             f"(got {backend.get_vocab_size()} + {n_special} special)"
         )
-    # Special tokens go after the regular vocabulary, as in Qwen2 (<|endoftext|> = first id after BPE).
-    backend.add_special_tokens([TkAddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIAL_TOKENS])
+    # Special tokens go after the regular vocabulary (as in Qwen2 and Llama 3).
+    backend.add_special_tokens([TkAddedToken(t, special=True, normalized=False) for t in specials])
+    return backend
+
+
+def _write_gpt2_files(out_dir: Path) -> None:
+    """vocab.json / merges.txt (GPT-2 format), as written by transformers 4.x and read by some converters."""
+    model = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    vocab = model["vocab"]
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def _make_llama3_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """Llama 3 style: byte-level BPE with its split regex, ``<|begin_of_text|>`` added in front by the
+    post-processor, ``<|eot_id|>`` as the chat EOS (``<|end_of_text|>`` also stops: generation_config)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = _train_byte_bpe(vocab_size, LLAMA3_PRETOKENIZE_REGEX, LLAMA3_SPECIAL_TOKENS)
+    bos = LLAMA3_SPECIAL_TOKENS[0]
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                      special_tokens=[(bos, backend.token_to_id(bos))]),
+    ])
+    with tempfile.TemporaryDirectory(prefix="tiny_llama3_") as tmp:
+        tmp = Path(tmp)
+        backend.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": "<|eot_id|>",
+            "clean_up_tokenization_spaces": True, "model_max_length": MAX_POSITION_EMBEDDINGS,
+            "model_input_names": ["input_ids", "attention_mask"]}), encoding="utf-8")
+        tok = PreTrainedTokenizerFast.from_pretrained(str(tmp), local_files_only=True)
+        tok.chat_template = LLAMA3_CHAT_TEMPLATE
+        tok.save_pretrained(str(out_dir), save_jinja_files=False)
+    _clean_tokenizer_config(out_dir)
+    _write_special_tokens_map(out_dir, tok)
+
+
+def _make_bpe_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    from transformers import Qwen2Tokenizer
+
+    backend = _train_byte_bpe(vocab_size, QWEN2_PRETOKENIZE_REGEX, QWEN2_SPECIAL_TOKENS)
 
     with tempfile.TemporaryDirectory(prefix="tiny_bpe_") as tmp:
         tmp = Path(tmp)
@@ -264,12 +328,7 @@ def _make_bpe_tokenizer(out_dir: Path, vocab_size: int) -> None:
         tok.save_pretrained(str(out_dir), save_jinja_files=False)
     _clean_tokenizer_config(out_dir)
     _write_special_tokens_map(out_dir, tok)
-    # vocab.json / merges.txt (GPT-2 format), as written by transformers 4.x and read by some converters.
-    model = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-    vocab = model["vocab"]
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    _write_gpt2_files(out_dir)
 
 
 def make_tokenizer(out_dir, kind: str = "spm", vocab_size: int = 512, corpus: Path | None = None) -> None:
@@ -292,6 +351,8 @@ def make_tokenizer(out_dir, kind: str = "spm", vocab_size: int = 512, corpus: Pa
         _make_spm_tokenizer(out_dir, vocab_size, corpus)
     elif kind == "bpe":
         _make_bpe_tokenizer(out_dir, vocab_size)
+    elif kind == "llama3":
+        _make_llama3_tokenizer(out_dir, vocab_size)
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'spm' or 'bpe')")
 
@@ -337,6 +398,16 @@ def _build_config(
         from transformers import LlamaConfig
 
         cfg = LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+    elif arch == "llama3":
+        from transformers import LlamaConfig
+
+        common["rope_parameters"] = {"rope_theta": common.pop("rope_theta"), **LLAMA3_ROPE}
+        cfg = LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+    elif arch == "qwen3":
+        from transformers import Qwen3Config
+
+        cfg = Qwen3Config(use_sliding_window=False, sliding_window=None, max_window_layers=num_layers,
+                          head_dim=QWEN3_HEAD_DIM, attention_bias=False, **common)
     elif arch == "mistral":
         from transformers import MistralConfig
 
@@ -357,6 +428,8 @@ def _model_class(arch: str):
         "llama": transformers.LlamaForCausalLM,
         "mistral": transformers.MistralForCausalLM,
         "qwen2": transformers.Qwen2ForCausalLM,
+        "llama3": transformers.LlamaForCausalLM,
+        "qwen3": transformers.Qwen3ForCausalLM,
     }[arch]
 
 
@@ -365,6 +438,9 @@ LOGIT_GAIN = 3.0
 # Gain on q/k projections so pre-softmax attention scores have std ~2: attention is peaked and
 # position-dependent, so RoPE (and its theta) matters.
 QK_GAIN = 1.5
+# With per-head q/k norms (Qwen3) the projections' scale is normalised away: a larger gain makes a
+# writer that drops the norms see scores ~16x too large.
+QK_NORM_GAIN = 4.0
 
 
 @torch.no_grad()
@@ -382,6 +458,7 @@ def _init_weights(model, config, seed: int) -> None:
     hidden = config.hidden_size
     tied = bool(getattr(config, "tie_word_embeddings", False))
     seen = set()
+    qk_normed = any(n.endswith("self_attn.q_norm.weight") for n, _ in model.named_parameters())
     for name, param in sorted(model.named_parameters(remove_duplicate=True), key=lambda kv: kv[0]):
         if id(param) in seen:
             continue
@@ -398,6 +475,7 @@ def _init_weights(model, config, seed: int) -> None:
             value = (LOGIT_GAIN / math.sqrt(shape[1])) * torch.randn(shape, generator=gen, dtype=torch.float32)
         elif param.dim() == 2:
             gain = QK_GAIN if (name.endswith("q_proj.weight") or name.endswith("k_proj.weight")) else 1.0
+            gain *= QK_NORM_GAIN if qk_normed and gain != 1.0 else 1.0
             value = (gain / math.sqrt(shape[1])) * torch.randn(shape, generator=gen, dtype=torch.float32)
         else:  # pragma: no cover - no other parameter kinds in these architectures
             raise RuntimeError(f"don't know how to initialise {name} {shape}")
@@ -478,8 +556,12 @@ def make_base(
     tie_word_embeddings: bool = False,
     shards: int = 1,
     legacy_config: bool = False,
+    sliding_window: int | None = None,
 ) -> Path:
-    """Build a tiny random base model folder for ``arch`` in {"llama", "mistral", "qwen2"}.
+    """Build a tiny random base model folder for ``arch`` in ARCHS ("llama3" is Llama 3.x: llama3
+    rope scaling, byte-level BPE with Llama 3's special tokens and two stop ids; "qwen3" has per-head
+    q/k norms and head_dim 48 != hidden/heads). ``sliding_window`` (mistral only) sets one attention
+    window.
 
     The folder holds config.json, generation_config.json, model.safetensors (or
     model-0000k-of-0000n.safetensors + model.safetensors.index.json when shards > 1) and the
@@ -517,7 +599,11 @@ def make_base(
     tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
     if len(tok) != vocab_size:
         raise RuntimeError(f"tokenizer has {len(tok)} tokens, expected {vocab_size}")
-    if arch == "qwen2":
+    if arch == "llama3":
+        stops = [tok.convert_tokens_to_ids("<|end_of_text|>"), tok.convert_tokens_to_ids("<|eot_id|>")]
+        bos_id, eos_id, pad_id = tok.bos_token_id, stops, None  # as in Llama-3.2-Instruct's config.json
+        gen_kwargs = dict(bos_token_id=bos_id, eos_token_id=stops)
+    elif arch in ("qwen2", "qwen3"):
         eot = tok.convert_tokens_to_ids("<|endoftext|>")
         bos_id, eos_id, pad_id = eot, eot, None  # as in Qwen2 base config.json
         gen_kwargs = dict(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
@@ -539,6 +625,10 @@ def make_base(
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
+    if sliding_window is not None:
+        if arch != "mistral":
+            raise ValueError("sliding_window is a mistral option")
+        config.sliding_window = sliding_window
     torch_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(int(seed))
