@@ -52,6 +52,7 @@ from blora_export.reference import (
     trained_base_fn,
     trained_stream,
 )
+from blora_export.spec import MinMaxGrid
 from blora_export.stream import Stream, StreamedForward
 from blora_export.tolerance import Tolerance, floor_tolerance, tolerance_for_dtype
 
@@ -66,6 +67,11 @@ LLAMA_CPP_PIP = 'pip install "llama-cpp-python>=0.3.8"'
 FOLD_FACTOR = 2.0
 FOLD_TOP1_SLACK = 0.05
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
+#: ggml's K types (in llama.cpp's K-quant mixes) by the bit width of their codes: the floor stores a
+#: tensor of such a type as min-max codes of that width on blocks of 32 (a proxy: llama.cpp's K-quant
+#: search, with finer sub-block scales, does no worse on the weights).
+KQUANT_PROXY_BITS = {GGMLQuantizationType.Q2_K: 2, GGMLQuantizationType.Q3_K: 3, GGMLQuantizationType.Q4_K: 4,
+                     GGMLQuantizationType.Q5_K: 5, GGMLQuantizationType.Q6_K: 6}
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,8 @@ def adapter_weights(path: Path, job: ExportJob):
 
 def stored_like(w: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
     """``w`` as a file of this type stores it: rounded to the float type, or gguf-py's quantize/dequantize."""
+    if qtype in KQUANT_PROXY_BITS:  # no K-quant quantizer outside llama.cpp: a min-max proxy of its width
+        return quantize_minmax(w, MinMaxGrid(KQUANT_PROXY_BITS[qtype], 1, 32), "weight").dequantize()
     gtype = TYPE_BY_QTYPE.get(qtype)
     if gtype is None:
         raise UnsupportedError(f"verify knows ggml types {', '.join(GGUF_TYPES)}, not {qtype.name}")
@@ -226,6 +234,9 @@ def llama_cpp_arithmetic(types: dict) -> Arithmetic:
     for name, qtype in types.items():
         if not name.endswith(".weight") or name == "model.embed_tokens.weight":
             continue  # get_rows reads the embeddings as stored; norms multiply in f32
+        if qtype in KQUANT_PROXY_BITS:  # ggml's K types multiply with Q8_K activations: blocks of 256, f32 scale
+            rules[name[: -len(".weight")]] = Rule("int8", 256, scale_dtype=None)
+            continue
         gtype = TYPE_BY_QTYPE.get(qtype)
         if gtype is None:
             raise UnsupportedError(f"{name} is stored as {qtype.name}: verify emulates llama.cpp for the types "
@@ -324,29 +335,21 @@ def _gguf_py(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifa
 
 
 def _llama_cpp_kquant(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifact:
-    """A K-quant in llama.cpp. Its floor: llama.cpp's error on a --base-only file of the same K type (the
-    base as trained, quantized by the same llama.cpp quantizer), against the base as trained, on the same prompts."""
-    from .to_gguf import export
-
-    seen: dict = {}
-
-    def logits(prompts):
-        seen["ids"] = [list(p) for p in prompts]
-        return llama_cpp_logits(path, prompts)
+    """A K-quant mix in llama.cpp. Its floor never comes from a file of this writer: the base as trained,
+    without the adapter, each tensor stored as the file's type says (K types through a min-max proxy of
+    their bit width on blocks of 32, which llama.cpp's K-quant search does no worse than) and run with
+    llama.cpp's arithmetic emulated (Q8_K activation blocks of 256 for K types, F16 KV cache)."""
+    types = file_types(path, job)
+    floor = storage_stream(job, types, "llama.cpp floor", llama_cpp_arithmetic(types))
+    exact = tolerance_for_dtype(torch.float16)
 
     def bound(out: dict) -> Tolerance:
-        ids = seen.get("ids") or tokenize_prompts(job.base, DEFAULT_PROMPTS)
-        with tempfile.TemporaryDirectory(prefix="blora-gguf-floor-") as tmp:
-            base = Path(tmp) / "base.gguf"
-            export(replace(job, progress=lambda it, **_: it), base, gguf_type=info.type_name, base_only=True)
-            floor = llama_cpp_logits(base, ids)
-        return floor_tolerance(logit_stats(out["without"], floor),
-                               f"llama.cpp's {info.type_name} quantization and arithmetic (a --base-only "
-                               f"{info.type_name} file of the base as trained, in llama.cpp)",
-                               tolerance_for_dtype(torch.float16))
-    return Artifact(format="gguf", path=path, tolerance=tolerance_for_dtype(torch.float16), logits=logits,
-                    bound=bound, layer_checks=lambda: layer_checks(path, job, info.encoding), notes=notes,
-                    description=f"GGUF {info.type_name} (llama.cpp's K-quant of the exact merge) in llama.cpp")
+        return floor_tolerance(logit_stats(out["without"], out["llama.cpp floor"]),
+                               f"llama.cpp's {info.type_name} quantization (min-max proxy of each K type's width) "
+                               "and arithmetic (Q8_K/Q8_0 activation blocks, f16 KV cache), emulated in torch", exact)
+    return Artifact(format="gguf", path=path, tolerance=exact, logits=lambda prompts: llama_cpp_logits(path, prompts),
+                    streams=(floor,), bound=bound, layer_checks=lambda: layer_checks(path, job, info.encoding),
+                    notes=notes, description=f"GGUF {info.type_name} (llama.cpp's K-quant of the exact merge) in llama.cpp")
 
 
 def _llama_cpp(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifact:
