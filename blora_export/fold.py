@@ -79,12 +79,17 @@ def runtime_fold_problems(grid: MinMaxGrid, lambda_in: int, lambda_out: int, t: 
     Exact iff ``t | block_in`` (a grid block splits into runs of ``t`` sharing α, β) and
     ``t | λi`` (the folded shift is constant on each run), plus the grid's own fold condition.
     """
-    problems = fold_problems(grid, lambda_in, lambda_out)
-    if grid.block_in % t:
-        problems.append(f"runtime block {t} does not divide the grid's block_in {grid.block_in}")
-    if lambda_in % t:
-        problems.append(f"runtime block {t} does not divide lambda_in {lambda_in}")
-    return problems
+    return fold_problems(grid, lambda_in, lambda_out) + runtime_block_problems(grid, t) + _cell_problems(lambda_in, t)
+
+
+def runtime_block_problems(grid: MinMaxGrid, t: int) -> list[str]:
+    """Why runtime blocks of ``t`` inputs cannot carry the grid's codes and α untouched (``t | block_in``)."""
+    return [f"runtime block {t} does not divide the grid's block_in {grid.block_in}"] if grid.block_in % t else []
+
+
+def _cell_problems(lambda_in: int, t: int) -> list[str]:
+    """Why the folded shift is not constant on runtime blocks of ``t`` inputs (``t | λi``)."""
+    return [f"runtime block {t} does not divide lambda_in {lambda_in}"] if lambda_in % t else []
 
 
 def foldable_hint(lambda_in: int, lambda_out: int) -> str:
@@ -118,13 +123,10 @@ def fold_obstacles(method: str, grid: object, merge_into: str, lambdas: Iterable
         problems.append(f"the grid has {grid.bits}-bit codes, {target.label} stores {target.bits}-bit codes")
     if target.offset_dtype == "float16" and grid.param_dtype != "float16":
         problems.append(f"the grid stores α/β as {grid.param_dtype}, {target.label} as float16")
-    found = set()
-    if grid.block_in % target.block:
-        found.add(f"runtime block {target.block} does not divide the grid's block_in {grid.block_in}")
+    found = set(runtime_block_problems(grid, target.block))
     if not base_only:
-        for li, lo in sorted(set(lambdas)):
-            found.update(f"λ={li}x{lo}: {p}" for p in runtime_fold_problems(grid, li, lo, target.block)
-                         if "grid's block_in" not in p)
+        for li, lo in set(lambdas):
+            found.update(f"λ={li}x{lo}: {p}" for p in fold_problems(grid, li, lo) + _cell_problems(li, target.block))
     return problems + sorted(found)
 
 
