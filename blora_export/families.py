@@ -9,7 +9,16 @@ llama.cpp's converter and onnxruntime-genai's builder):
 * ``qk_norm``: a per-head RMSNorm (size head_dim) on queries and keys before the rotation
   (Qwen3's ``q_norm`` / ``k_norm``);
 * ``norm_offset``: the constant the runtime adds to every stored norm weight (0: ``x·w``);
-* ``embedding_scale``: a multiplier on the token embeddings (``None``: none);
+* multipliers (:func:`scales`), each the config key it is read from (``None``: the family has none):
+  ``embedding_scale`` on the token embeddings (Granite's ``embedding_multiplier``; Gemma will use
+  :data:`SQRT_HIDDEN`), ``attention_scale`` replacing ``head_dim^-0.5`` on the attention scores,
+  ``residual_scale`` on each sublayer's output before the residual add, ``logit_divisor`` the
+  logits are divided by (Granite's ``logits_scaling``) and ``final_softcap`` (Gemma 2:
+  ``cap·tanh(logits/cap)``). The embedding multiplier, the divisor and the softcap sit in the
+  Hugging Face model's ``forward`` outside its parts, so verify's streamed forward applies them
+  from here (:mod:`blora_export.stream`); the other two are inside the decoder layer module;
+* ``no_rope_key``: the config key of a per-layer list, 1 where the layer rotates q/k and 0 where it
+  does not (SmolLM3's ``no_rope_layers``);
 * ``fused``: Linear groups the base itself stores fused (none of the supported rows);
 * ``rope_types``: the rope scalings each writer can represent for this family;
 * ``window_key``: the config key of one attention window shared by every layer (Mistral);
@@ -22,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import UnsupportedError
+from .errors import BadInputError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -34,18 +43,27 @@ class Family:
     mlx_model: str
     qk_norm: bool = False
     norm_offset: float = 0.0
-    embedding_scale: Optional[float] = None
+    embedding_scale: Optional[str] = None  # config key, or SQRT_HIDDEN
+    attention_scale: Optional[str] = None
+    residual_scale: Optional[str] = None
+    logit_divisor: Optional[str] = None
     fused: tuple[str, ...] = ()
     rope_types: tuple[str, ...] = ("default", "linear")
     window_key: Optional[str] = None
+    no_rope_key: Optional[str] = None
     attn_softcap: Optional[str] = None  # config keys of Gemma 2's logit softcaps
     final_softcap: Optional[str] = None
 
     def unimplemented(self) -> list[str]:
         """Conventions of this row that no writer implements yet (a row that sets one is refused)."""
-        return [name for name, value in (("norm offset", self.norm_offset), ("embedding scale", self.embedding_scale),
-                                         ("fused projections", self.fused), ("attention softcap", self.attn_softcap),
+        return [name for name, value in (("norm offset", self.norm_offset), ("fused projections", self.fused),
+                                         ("√hidden embedding scale", self.embedding_scale == SQRT_HIDDEN),
+                                         ("attention softcap", self.attn_softcap),
                                          ("final logit softcap", self.final_softcap)) if value]
+
+
+#: ``embedding_scale`` of a family whose embeddings are multiplied by √hidden_size (Gemma).
+SQRT_HIDDEN = "sqrt(hidden_size)"
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -56,6 +74,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            window_key="sliding_window"),
     Family("qwen2", "QWEN2", permute_qk=False, genai_type="qwen2", mlx_model="qwen2"),
     Family("qwen3", "QWEN3", permute_qk=False, genai_type="qwen3", mlx_model="qwen3", qk_norm=True),
+    # llama.cpp's converter writes Granite as llama (q/k permuted) with its four multipliers as keys
+    Family("granite", "GRANITE", permute_qk=True, genai_type="granite", mlx_model="granite",
+           embedding_scale="embedding_multiplier", attention_scale="attention_multiplier",
+           residual_scale="residual_multiplier", logit_divisor="logits_scaling"),
 )}
 SUPPORTED = tuple(m for m, f in FAMILIES.items() if not f.unimplemented())
 
@@ -69,6 +91,36 @@ def family(model_type: Optional[str]) -> Family:
     if row.unimplemented():
         raise UnsupportedError(f"{model_type}: the writers do not implement its {', '.join(row.unimplemented())} yet")
     return row
+
+
+@dataclass(frozen=True)
+class Scales:
+    """A family's multipliers, read from a config: 1 (and ``head_dim^-0.5`` for the attention, no
+    softcap) where the family has none."""
+
+    embedding: float
+    attention: float
+    residual: float
+    logit_divisor: float
+    final_softcap: Optional[float] = None
+
+
+def scales(config: dict) -> Scales:
+    """The multipliers of ``config``'s family (the config keys its row names)."""
+    fam = family(config.get("model_type"))
+
+    def read(key: Optional[str], default: float) -> float:
+        if key is None:
+            return default
+        if key == SQRT_HIDDEN:
+            return float(config["hidden_size"]) ** 0.5
+        if config.get(key) is None:
+            raise BadInputError(f"config.json of a {fam.model_type} model lacks {key!r}")
+        return float(config[key])
+    cap = config.get(fam.final_softcap) if fam.final_softcap else None
+    return Scales(embedding=read(fam.embedding_scale, 1.0), attention=read(fam.attention_scale, head_dim(config) ** -0.5),
+                  residual=read(fam.residual_scale, 1.0), logit_divisor=read(fam.logit_divisor, 1.0),
+                  final_softcap=None if cap is None else float(cap))
 
 
 def head_dim(config: dict) -> int:

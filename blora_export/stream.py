@@ -8,6 +8,11 @@ hidden states that stream carried from the previous part (all prompts, one at a 
 part is freed. Each base tensor is read from disk once per pass (:class:`PartCache`), however
 many streams use it.
 
+What the model's own ``forward`` computes between the parts comes from the family table
+(:func:`blora_export.families.scales`): the embedding multiplier (Granite) after the embeddings,
+the logit divisor (Granite) and the final softcap (Gemma 2) after the head. A family whose Hugging
+Face embedding module scales by itself (Gemma 3) must not name that scale in its row.
+
 A stream is one model: the training-time model, the base without the adapter, the base with
 a runtime's rounding, or a float-weight artifact read tensor by tensor.
 """
@@ -22,6 +27,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from .base import BaseModel
+from .families import Scales, scales
 
 log = logging.getLogger(__name__)
 EMBED = "model.embed_tokens.weight"
@@ -151,6 +157,7 @@ class StreamedForward:
         self.model = skeleton(base)
         inner = self.model.model
         self.rotary = type(inner.rotary_emb)(config=self.model.config)
+        self.scales = scales(base.config)
 
     def run(self, prompts: Sequence[Sequence[int]], streams: Sequence[Stream]) -> dict[str, list[torch.Tensor]]:
         """float32 logits ``[len(prompt), vocab]`` per prompt, for every stream (by name)."""
@@ -161,7 +168,9 @@ class StreamedForward:
             stream.states = list(ids)
         with torch.no_grad():
             rope = [self.rotary(torch.zeros(1, dtype=torch.float32), p) for p in positions]
-            self._part(inner.embed_tokens, "model.embed_tokens", streams, cache, lambda m, h, i: m(h))
+            embed = self.scales.embedding
+            self._part(inner.embed_tokens, "model.embed_tokens", streams, cache,
+                       (lambda m, h, i: m(h)) if embed == 1.0 else (lambda m, h, i: m(h) * embed))
             layers = list(enumerate(inner.layers[: self.model.config.num_hidden_layers]))
             for index, layer in self.progress(layers, desc="verify layers", unit="layer"):
                 kind = _mask_kind(self.model.config, index)
@@ -172,7 +181,8 @@ class StreamedForward:
                     return out[0] if isinstance(out, tuple) else out
                 self._part(layer, f"model.layers.{index}", streams, cache, run_layer)
             self._part(inner.norm, "model.norm", streams, cache, lambda m, h, i: m(h))
-            self._part(self.model.lm_head, "lm_head", streams, cache, lambda m, h, i: m(h)[0].float())
+            self._part(self.model.lm_head, "lm_head", streams, cache,
+                       lambda m, h, i: final_logits(m(h)[0].float(), self.scales))
         return {s.name: s.states for s in streams}
 
     @staticmethod
@@ -184,3 +194,13 @@ class StreamedForward:
                 with hooked(module, prefix, stream):
                     stream.states = [step(module, h, i) for i, h in enumerate(stream.states)]
         cache.clear()
+
+
+def final_logits(logits: torch.Tensor, sc: Scales) -> torch.Tensor:
+    """What the causal LM's ``forward`` does to the head's output: divide by the logit divisor (Granite),
+    then ``cap·tanh(logits/cap)`` (Gemma 2's final softcap), as transformers writes them."""
+    if sc.logit_divisor != 1.0:
+        logits = logits / sc.logit_divisor
+    if sc.final_softcap:
+        logits = torch.tanh(logits / sc.final_softcap) * sc.final_softcap
+    return logits

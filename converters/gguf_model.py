@@ -27,7 +27,7 @@ from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter
 
 from blora_export.base import DECODER_LINEAR, rope_parameters
 from blora_export.errors import BadInputError, UnsupportedError
-from blora_export.families import Family, attention_window, family, head_dim
+from blora_export.families import SQRT_HIDDEN, Family, attention_window, family, head_dim, scales
 from blora_export.fold import fold_obstacles, fold_refusal, gguf_grid
 from blora_export.job import ExportJob
 from blora_export.merge import exact_merged_weight, merged_weight, trained_base_weight
@@ -163,6 +163,22 @@ def write_hparams(writer: GGUFWriter, hp: HParams, config: dict, vocab_rows: int
     # llama3: no key; the factors travel as the rope_freqs.weight tensor (tensor_plan)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_vocab_size(vocab_rows)
+    write_multipliers(writer, config)
+
+
+def write_multipliers(writer: GGUFWriter, config: dict) -> None:
+    """The multipliers a family reads from its config, as the keys llama.cpp's graph for it reads
+    (Granite: ``embedding_scale``, ``attention.scale``, ``residual_scale``, ``logit_scale``, the divisor).
+    A √hidden embedding scale (Gemma) is applied by llama.cpp's gemma graphs themselves: no key."""
+    fam, sc = family(config["model_type"]), scales(config)
+    if fam.embedding_scale is not None and fam.embedding_scale != SQRT_HIDDEN:
+        writer.add_embedding_scale(sc.embedding)
+    if fam.attention_scale is not None:
+        writer.add_attention_scale(sc.attention)
+    if fam.residual_scale is not None:
+        writer.add_residual_scale(sc.residual)
+    if fam.logit_divisor is not None:
+        writer.add_logit_scale(sc.logit_divisor)
 
 
 def permutation(rows: int, n_head: int) -> torch.Tensor:

@@ -11,7 +11,9 @@ transformers' modeling code, in float32 activations:
 * grouped-query attention without repeating K/V: queries are viewed as
   ``[B, n_kv, n_rep·S, d]`` (query head ``h`` uses K/V head ``h // n_rep``, as ``repeat_kv``);
   causal + padding (+ sliding window) mask built from ``attention_mask``; ``present = concat(past, new)``;
-* SwiGLU MLP; tied or untied head.
+* SwiGLU MLP; tied or untied head;
+* the family's multipliers (:func:`blora_export.families.scales`, Granite): on the embeddings, the
+  attention scores (in place of ``head_dim^-0.5``), each sublayer's output, and a divisor on the logits.
 
 Inputs/outputs follow onnxruntime-genai's names: ``input_ids``, ``attention_mask``,
 ``position_ids``, ``past_key_values.{i}.key/value`` ``[B, n_kv, P, d]`` → ``logits``,
@@ -28,7 +30,7 @@ from onnx import TensorProto, helper
 
 from blora_export.base import rope_parameters
 from blora_export.errors import UnsupportedError
-from blora_export.families import attention_window, family, head_dim
+from blora_export.families import Scales, attention_window, family, head_dim, scales
 
 IR_VERSION = 10
 OPSET = 21
@@ -107,6 +109,7 @@ class DecoderSpec:
     tied: bool
     context_length: int
     qk_norm: bool = False  # per-head RMSNorm of q and k before the rotation (Qwen3)
+    scales: Optional[Scales] = None  # embedding/attention/residual multipliers, logit divisor (Granite)
 
     @classmethod
     def from_config(cls, config: dict, path=None) -> "DecoderSpec":
@@ -122,7 +125,7 @@ class DecoderSpec:
                    eps=float(config.get("rms_norm_eps", 1e-6)), inv_freq=inv_freq, rope_scaling=factor,
                    sliding_window=sliding_window(config), tied=bool(config.get("tie_word_embeddings", False)),
                    context_length=int(config.get("max_position_embeddings", 4096)),
-                   qk_norm=family(config["model_type"]).qk_norm)
+                   qk_norm=family(config["model_type"]).qk_norm, scales=scales(config))
 
 
 def rope_frequencies(config: dict, head_dim: int, path=None) -> tuple[tuple[float, ...], float]:
@@ -269,7 +272,8 @@ def attention(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvid
                  outputs=[f"present.{i}.value"], axis=2)
     grouped = g.op("Reshape", [q, g.const([0, nkv, -1, hd])])  # [B, n_kv, n_rep·S, d]
     scores = g.op("MatMul", [grouped, g.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
-    scores = g.op("Mul", [scores, g.const(hd ** -0.5, np.float32)])
+    scale = spec.scales.attention if spec.scales else hd ** -0.5
+    scores = g.op("Mul", [scores, g.const(scale, np.float32)])
     scores = g.op("Add", [g.op("Reshape", [scores, g.const([0, nh, -1, 0])]), ctx["mask"]])
     probs = g.op("Reshape", [g.op("Softmax", [scores], axis=-1), g.const([0, nkv, -1, 0])])
     out = g.op("Reshape", [g.op("MatMul", [probs, v_all]), g.const([0, nh, -1, hd])])
@@ -282,6 +286,11 @@ def mlp(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvider) ->
     gate, up = g.op("Split", [gate_up, g.const([spec.intermediate, spec.intermediate])], outputs=2, axis=-1)
     act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
     return linear(g, act, weights.linear(i, LINEAR_GROUPS[3]), f"model.layers.{i}.mlp.down_proj")
+
+
+def scaled(g: Graph, x: str, factor: float) -> str:
+    """``x · factor`` (no node for 1)."""
+    return x if factor == 1.0 else g.op("Mul", [x, g.const(factor, np.float32)])
 
 
 def decoder_io(spec: DecoderSpec) -> tuple[list, list]:
@@ -308,21 +317,28 @@ def build_decoder(spec: DecoderSpec, weights: WeightProvider, store, progress=it
     embed = weights.tensor("model.embed_tokens.weight")
     embed_ref = float_weight(g, "model.embed_tokens.weight", embed)
     x = g.op("Gather", [embed_ref, "input_ids"], axis=0)
+    sc = spec.scales or Scales(1.0, spec.head_dim ** -0.5, 1.0, 1.0)
+    if sc.final_softcap:
+        raise UnsupportedError("a final logit softcap is not written by the ONNX export")
+    x = scaled(g, x, sc.embedding)
     ctx = {"mask": attention_bias(g, spec)}
     ctx["cos"], ctx["sin"] = rotary_tables(g, spec)
     for i in progress(range(spec.num_layers), desc="onnx layers", total=spec.num_layers, unit="layer"):
         h = rms_norm(g, x, weights.tensor(f"model.layers.{i}.input_layernorm.weight"), spec.eps,
                      f"model.layers.{i}.input_layernorm.weight")
-        x = g.op("Add", [x, attention(g, spec, i, h, weights, ctx)])
+        x = g.op("Add", [x, scaled(g, attention(g, spec, i, h, weights, ctx), sc.residual)])
         h = rms_norm(g, x, weights.tensor(f"model.layers.{i}.post_attention_layernorm.weight"), spec.eps,
                      f"model.layers.{i}.post_attention_layernorm.weight")
-        x = g.op("Add", [x, mlp(g, spec, i, h, weights)])
+        x = g.op("Add", [x, scaled(g, mlp(g, spec, i, h, weights), sc.residual)])
     x = rms_norm(g, x, weights.tensor("model.norm.weight"), spec.eps, "model.norm.weight")
     if spec.tied:
         head = g.op("Transpose", [embed_ref], perm=[1, 0])
     else:
         head = float_weight(g, "lm_head.MatMul.weight", np.ascontiguousarray(weights.tensor("lm_head.weight").T))
-    g.op("MatMul", [x, head], outputs=["logits"])
+    if sc.logit_divisor == 1.0:
+        g.op("MatMul", [x, head], outputs=["logits"])
+    else:  # as transformers: logits / logits_scaling
+        g.op("Div", [g.op("MatMul", [x, head]), g.const(sc.logit_divisor, np.float32)], outputs=["logits"])
     inputs, outputs = decoder_io(spec)
     graph = helper.make_graph(g.nodes, "blora_decoder", inputs, outputs)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, MS_OPSET)]

@@ -49,18 +49,26 @@ __all__ = [
 
 CORPUS_PATH = Path(__file__).resolve().parent / "corpus.txt"
 
-ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3", "granite")
 # Which tokenizer each architecture gets ("llama3" is a LlamaForCausalLM with Llama 3.x conventions).
-TOKENIZER_KIND = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "llama3": "llama3", "qwen3": "bpe"}
+TOKENIZER_KIND = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "llama3": "llama3", "qwen3": "bpe",
+                  "granite": "bpe"}
 # Deliberately different per architecture so a converter that ignores rope_theta gets caught.
-ROPE_THETA = {"llama": 10000.0, "mistral": 1000000.0, "qwen2": 1000000.0, "llama3": 10000.0, "qwen3": 1000000.0}
-RMS_NORM_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6, "llama3": 1e-5, "qwen3": 1e-6}
+ROPE_THETA = {"llama": 10000.0, "mistral": 1000000.0, "qwen2": 1000000.0, "llama3": 10000.0, "qwen3": 1000000.0,
+              "granite": 10000.0}
+RMS_NORM_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6, "llama3": 1e-5, "qwen3": 1e-6, "granite": 1e-5}
 MAX_POSITION_EMBEDDINGS = 512
 # Llama 3.x rope scaling with an original context so short (64) that the 8x scaling of the low
 # frequencies changes the tiny model's logits on the 10-20 token prompts: a writer that drops it
 # is caught (Llama 3.2 has factor 32 and 8192; the formula is the same).
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
+# Granite's multipliers (Granite 3.x: 12 / 1/128 / 0.22 / 8), far from 1 so that a writer or a verify that
+# drops one is caught: _init_weights divides the embeddings by the embedding multiplier, multiplies the head
+# by the logit divisor and gives q/k the gain that makes the attention as peaked as the other families'
+# at this attention multiplier, so the model stays as non-trivial as they are with every multiplier in place.
+GRANITE_SCALES = {"embedding_multiplier": 12.0, "attention_multiplier": 0.015, "residual_multiplier": 0.22,
+                  "logits_scaling": 8.0}
 # Qwen3-0.6B/4B style: head_dim (48) is not hidden/heads (32).
 QWEN3_HEAD_DIM = 48
 
@@ -403,6 +411,10 @@ def _build_config(
 
         common["rope_parameters"] = {"rope_theta": common.pop("rope_theta"), **LLAMA3_ROPE}
         cfg = LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+    elif arch == "granite":
+        from transformers import GraniteConfig
+
+        cfg = GraniteConfig(attention_bias=False, mlp_bias=False, **GRANITE_SCALES, **common)
     elif arch == "qwen3":
         from transformers import Qwen3Config
 
@@ -430,6 +442,7 @@ def _model_class(arch: str):
         "qwen2": transformers.Qwen2ForCausalLM,
         "llama3": transformers.LlamaForCausalLM,
         "qwen3": transformers.Qwen3ForCausalLM,
+        "granite": transformers.GraniteForCausalLM,
     }[arch]
 
 
@@ -453,12 +466,20 @@ def _init_weights(model, config, seed: int) -> None:
     * Embeddings: N(0, 1) (tied: N(0, LOGIT_GAIN^2/hidden) so they can double as the LM head).
     * RMSNorm weights: U(0.5, 1.5), so a converter that drops them or adds Gemma's +1 is caught.
     * Biases (qwen2 q/k/v): N(0, 0.5^2), so dropping them is caught.
+    * Granite: embeddings / embedding_multiplier, head x logits_scaling, q/k x sqrt(head_dim^-0.5 /
+      attention_multiplier), o_proj and down_proj / residual_multiplier, so that with its multipliers
+      the model computes at the scales above.
     """
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     hidden = config.hidden_size
     tied = bool(getattr(config, "tie_word_embeddings", False))
     seen = set()
     qk_normed = any(n.endswith("self_attn.q_norm.weight") for n, _ in model.named_parameters())
+    embed_mult = float(getattr(config, "embedding_multiplier", 1.0))  # Granite's multipliers (1 elsewhere)
+    logit_mult = float(getattr(config, "logits_scaling", 1.0))
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    out_mult = 1.0 / float(getattr(config, "residual_multiplier", 1.0))
+    qk_mult = math.sqrt(head_dim**-0.5 / float(getattr(config, "attention_multiplier", head_dim**-0.5)))
     for name, param in sorted(model.named_parameters(remove_duplicate=True), key=lambda kv: kv[0]):
         if id(param) in seen:
             continue
@@ -469,13 +490,15 @@ def _init_weights(model, config, seed: int) -> None:
         elif name.endswith(".bias"):
             value = 0.5 * torch.randn(shape, generator=gen, dtype=torch.float32)
         elif name.endswith("embed_tokens.weight"):
-            std = LOGIT_GAIN / math.sqrt(hidden) if tied else 1.0
+            std = (LOGIT_GAIN / math.sqrt(hidden) if tied else 1.0) / embed_mult
             value = std * torch.randn(shape, generator=gen, dtype=torch.float32)
         elif name.endswith("lm_head.weight"):
-            value = (LOGIT_GAIN / math.sqrt(shape[1])) * torch.randn(shape, generator=gen, dtype=torch.float32)
+            value = (logit_mult * LOGIT_GAIN / math.sqrt(shape[1])) * torch.randn(shape, generator=gen, dtype=torch.float32)
         elif param.dim() == 2:
             gain = QK_GAIN if (name.endswith("q_proj.weight") or name.endswith("k_proj.weight")) else 1.0
             gain *= QK_NORM_GAIN if qk_normed and gain != 1.0 else 1.0
+            gain *= qk_mult if gain != 1.0 else 1.0
+            gain *= out_mult if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
             value = (gain / math.sqrt(shape[1])) * torch.randn(shape, generator=gen, dtype=torch.float32)
         else:  # pragma: no cover - no other parameter kinds in these architectures
             raise RuntimeError(f"don't know how to initialise {name} {shape}")
@@ -603,7 +626,7 @@ def make_base(
         stops = [tok.convert_tokens_to_ids("<|end_of_text|>"), tok.convert_tokens_to_ids("<|eot_id|>")]
         bos_id, eos_id, pad_id = tok.bos_token_id, stops, None  # as in Llama-3.2-Instruct's config.json
         gen_kwargs = dict(bos_token_id=bos_id, eos_token_id=stops)
-    elif arch in ("qwen2", "qwen3"):
+    elif arch in ("qwen2", "qwen3", "granite"):
         eot = tok.convert_tokens_to_ids("<|endoftext|>")
         bos_id, eos_id, pad_id = eot, eot, None  # as in Qwen2 base config.json
         gen_kwargs = dict(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)

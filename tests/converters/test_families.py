@@ -2,14 +2,18 @@
 
 Tiny random bases built offline from transformers' own config classes (samples/tiny_models.py):
 ``llama3`` (LlamaConfig with rope_type llama3, original context 64 so the scaling changes the
-logits of the built-in prompts; Llama-3 byte-level BPE with two stop ids) and ``qwen3``
+logits of the built-in prompts; Llama-3 byte-level BPE with two stop ids), ``qwen3``
 (Qwen3Config, per-head q/k RMSNorm, head_dim 48 != hidden/heads, q/k projections 4x larger so the
-norms matter). Every export is checked by ``api.verify`` (logits against the training-time model)
-under the same bounds as llama; each convention's test fails when the convention is broken.
+norms matter) and ``granite`` (GraniteConfig with embedding multiplier 12, attention multiplier 0.015,
+residual multiplier 0.22 and logits divided by 8; the weights are scaled so the model computes at the
+other families' scales with them, so any one dropped moves the logits far beyond the bound). Every
+export is checked by ``api.verify`` (logits against the training-time model) under the same bounds as
+llama; each convention's test fails when the convention is broken.
 """
 import json
 import shutil
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,13 +21,15 @@ import torch
 from gguf import GGUFReader
 from safetensors.torch import load_file, save_file
 
-from blora_export import api
+from blora_export import api, stream
 from blora_export.cli import main
 from blora_export.errors import UnsupportedError
-from blora_export.families import FAMILIES, attention_window, family
+from blora_export.families import FAMILIES, Scales, attention_window, family, scales
 from blora_export.spec import MinMaxGrid
 from converters import gguf_kquant, gguf_model, onnx_graph
 
+GRANITE = {"embedding_multiplier": 12.0, "attention_multiplier": 0.015, "residual_multiplier": 0.22,
+           "logits_scaling": 8.0}  # samples/tiny_models.py GRANITE_SCALES
 METHODS = {"qa-blora": (32, 4, MinMaxGrid(4, 1, 32)), "q-blora": (2, 2, None)}
 # (format, export options, verify options); Q-BLoRA has no exact low-bit fold: MLX re-quantizes (PTQ)
 FORMATS = {
@@ -94,6 +100,9 @@ def test_family_rows_hold_the_conventions():
     assert "llama3" in FAMILIES["llama"].rope_types and "llama3" not in FAMILIES["qwen2"].rope_types
     assert attention_window({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 32768}) == 4096
     assert attention_window({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 4096}) is None
+    granite = {"model_type": "granite", "hidden_size": 128, "num_attention_heads": 4, **GRANITE}
+    assert scales(granite) == Scales(12.0, 0.015, 0.22, 8.0)
+    assert scales({"model_type": "llama", "hidden_size": 128, "num_attention_heads": 4}) == Scales(1.0, 32**-0.5, 1.0, 1.0)
 
 
 def test_gguf_carries_each_family_convention(ckpts, tmp_path):
@@ -110,12 +119,18 @@ def test_gguf_carries_each_family_convention(ckpts, tmp_path):
     assert field(qwen3, "general.architecture") == "qwen3"
     assert {"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
     assert field(qwen3, "qwen3.attention.key_length") == 48 and field(qwen3, "qwen3.attention.value_length") == 48
+    granite = tmp_path / "granite.gguf"
+    api.export(ckpts("granite", "qa-blora"), granite, "gguf", gguf_type="f32", quiet=True)
+    assert field(granite, "general.architecture") == "granite"
+    keys = ("embedding_scale", "attention.scale", "residual_scale", "logit_scale")
+    assert [field(granite, f"granite.{k}") for k in keys] == pytest.approx([12.0, 0.015, 0.22, 8.0])
+    assert field(llama3, "llama.embedding_scale") is None  # only the families that have them
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen3", "granite"])
 def test_every_format_matches_training_in_its_runtime(ckpts, tmp_path, arch, method, fmt):
     kind, options, verify_options = FORMATS[fmt]
     if method == "q-blora" and fmt in ("onnx-int4", "mlx"):
@@ -186,6 +201,37 @@ def _break_mlx_llama3(monkeypatch):
     monkeypatch.setattr(to_mlx, "rope_overrides", lambda config: {"rope_theta": 10000.0})  # no rope_scaling
 
 
+MULTIPLIERS = ("embedding", "attention", "residual", "logit_divisor")
+
+
+def _without(field: str):
+    """``scales`` with one Granite multiplier back at its plain-llama value (1, or head_dim^-0.5)."""
+    def patched(config):
+        plain = Scales(1.0, (config["hidden_size"] // config["num_attention_heads"]) ** -0.5, 1.0, 1.0)
+        return replace(scales(config), **{field: getattr(plain, field)})
+    return patched
+
+
+def _drop_scale(module, field: str):
+    def breaker(monkeypatch):
+        monkeypatch.setattr(module, "scales", _without(field))
+    return breaker
+
+
+def _drop_mlx_key(key: str):
+    def breaker(monkeypatch):
+        import converters.to_mlx as to_mlx
+
+        extra = to_mlx.mlx_config_extra
+        monkeypatch.setattr(to_mlx, "mlx_config_extra", lambda job, mplan: {**extra(job, mplan), key: 1.0})
+    return breaker
+
+
+GRANITE_BREAKERS = ([("granite", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _drop_scale(gguf_model, f))
+                     for f in MULTIPLIERS] + [("granite", "onnx", {}, _drop_scale(onnx_graph, f)) for f in MULTIPLIERS]
+                    + [("granite", "mlx", {}, _drop_mlx_key(k)) for k in ("embedding_multiplier", "logits_scaling")])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,kind,options,breaker", [
     ("llama3", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _break_rope_freqs),
@@ -193,7 +239,10 @@ def _break_mlx_llama3(monkeypatch):
     ("llama3", "mlx", {}, _break_mlx_llama3),
     ("qwen3", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _break_gguf_qk_norm),
     ("qwen3", "onnx", {}, _break_onnx_qk_norm),
-], ids=["gguf-no-rope_freqs", "onnx-no-llama3-rope", "mlx-no-rope_scaling", "gguf-qk-norm-dropped", "onnx-qk-norm-dropped"])
+    *GRANITE_BREAKERS,
+], ids=["gguf-no-rope_freqs", "onnx-no-llama3-rope", "mlx-no-rope_scaling", "gguf-qk-norm-dropped", "onnx-qk-norm-dropped",
+        *[f"gguf-granite-no-{f}" for f in MULTIPLIERS], *[f"onnx-granite-no-{f}" for f in MULTIPLIERS],
+        "mlx-granite-no-embedding_multiplier", "mlx-granite-no-logits_scaling"])
 def test_a_broken_convention_fails_verify(ckpts, tmp_path, monkeypatch, arch, kind, options, breaker):
     ckpt = ckpts(arch, "qa-blora")
     options = dict(options)
@@ -203,6 +252,20 @@ def test_a_broken_convention_fails_verify(ckpts, tmp_path, monkeypatch, arch, ki
         breaker(patch)
         api.export(ckpt, out, kind, quiet=True, **options)
     report = api.verify(ckpt, out, quiet=True, **({"runtime": runtime} if runtime else {}))
+    assert not report.passed and report.logits.max_rel > 10 * report.tolerance.max_rel, report.to_json()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("field", ["embedding", "logit_divisor"])
+def test_verify_reference_applies_the_multipliers_outside_the_parts(ckpts, tmp_path, monkeypatch, field):
+    """Granite's embedding multiplier and logit divisor live in the model's forward, outside the parts
+    verify streams: without them its reference is another model, and a right export fails."""
+    ckpt = ckpts("granite", "qa-blora")
+    out = tmp_path / "onnx"
+    api.export(ckpt, out, "onnx", quiet=True)
+    assert api.verify(ckpt, out, quiet=True).passed
+    monkeypatch.setattr(stream, "scales", _without(field))
+    report = api.verify(ckpt, out, quiet=True)
     assert not report.passed and report.logits.max_rel > 10 * report.tolerance.max_rel, report.to_json()
 
 
