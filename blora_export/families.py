@@ -74,6 +74,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            window_key="sliding_window"),
     Family("qwen2", "QWEN2", permute_qk=False, genai_type="qwen2", mlx_model="qwen2"),
     Family("qwen3", "QWEN3", permute_qk=False, genai_type="qwen3", mlx_model="qwen3", qk_norm=True),
+    # rope off on the layers no_rope_layers marks 0 (SmolLM3-3B: every 4th); otherwise llama
+    Family("smollm3", "SMOLLM3", permute_qk=True, genai_type="smollm3", mlx_model="smollm3",
+           no_rope_key="no_rope_layers"),
     # llama.cpp's converter writes Granite as llama (q/k permuted) with its four multipliers as keys
     Family("granite", "GRANITE", permute_qk=True, genai_type="granite", mlx_model="granite",
            embedding_scale="embedding_multiplier", attention_scale="attention_multiplier",
@@ -132,11 +135,27 @@ def attention_window(config: dict) -> Optional[int]:
     """The attention window every layer shares, when it is shorter than the model's context
     (``None``: attention is global over ``max_position_embeddings``)."""
     fam = family(config.get("model_type"))
-    if config.get("model_type") == "qwen2" and config.get("use_sliding_window"):
-        raise UnsupportedError("qwen2 with use_sliding_window=true (per-layer windows) is not supported; "
+    if config.get("use_sliding_window"):  # Qwen2/Qwen3, SmolLM3: windows on some layers only
+        raise UnsupportedError(f"{fam.model_type} with use_sliding_window=true (per-layer windows) is not supported; "
                                "export a config with use_sliding_window=false")
     if fam.window_key is None or not config.get(fam.window_key):
         return None
     window = int(config[fam.window_key])
     context = int(config.get("max_position_embeddings") or 0)
     return window if context == 0 or window < context else None
+
+
+def rope_layers(config: dict) -> tuple[bool, ...]:
+    """Whether each decoder layer rotates q and k: every layer, except where the family's
+    ``no_rope_key`` list holds 0 (SmolLM3; without the list, transformers' default: every
+    ``no_rope_layer_interval``-th layer, 4 unless the config says otherwise)."""
+    fam, n = family(config.get("model_type")), int(config["num_hidden_layers"])
+    if fam.no_rope_key is None:
+        return (True,) * n
+    flags = config.get(fam.no_rope_key)
+    if flags is None:
+        interval = int(config.get("no_rope_layer_interval") or 4)
+        flags = [int((i + 1) % interval != 0) for i in range(n)]
+    if len(flags) != n:
+        raise BadInputError(f"config.json's {fam.no_rope_key} has {len(flags)} entries for {n} layers")
+    return tuple(bool(f) for f in flags)

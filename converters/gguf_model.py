@@ -27,7 +27,7 @@ from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter
 
 from blora_export.base import DECODER_LINEAR, rope_parameters
 from blora_export.errors import BadInputError, UnsupportedError
-from blora_export.families import SQRT_HIDDEN, Family, attention_window, family, head_dim, scales
+from blora_export.families import SQRT_HIDDEN, Family, attention_window, family, head_dim, rope_layers, scales
 from blora_export.fold import fold_obstacles, fold_refusal, gguf_grid
 from blora_export.job import ExportJob
 from blora_export.merge import exact_merged_weight, merged_weight, trained_base_weight
@@ -62,6 +62,27 @@ BUFFERS = ("rotary_emb.inv_freq",)
 ROLE_EMBED = ("token_embd.weight", "output.weight")
 ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 log = logging.getLogger(__name__)
+
+
+#: llama.cpp graphs that skip the rotation on every n-th layer, n fixed in llama.cpp (no GGUF key):
+#: ``use_rope = (il + 1) % n != 0`` (src/models/smollm3.cpp, ``n_no_rope_layer_step = 4``).
+NO_ROPE_STEP = {"SMOLLM3": 4}
+
+
+def check_rope_layers(config: dict) -> None:
+    """A base with rope off on some layers runs in llama.cpp only when its architecture skips exactly
+    those layers (SmolLM3: every 4th, fixed); any other pattern is refused."""
+    flags = rope_layers(config)
+    if all(flags):
+        return
+    fam = family(config["model_type"])
+    step = NO_ROPE_STEP.get(fam.gguf_arch)
+    if step is None or flags != tuple((i + 1) % step != 0 for i in range(len(flags))):
+        off = [i for i, f in enumerate(flags) if not f]
+        fixed = f"only every {step}th layer ({step - 1}, {2 * step - 1}, ...)" if step else "no layer"
+        raise UnsupportedError(f"{fam.model_type}: rope is off on layers {off} ({fam.no_rope_key}), and llama.cpp's "
+                               f"{fam.gguf_arch.lower()} graph skips it on {fixed}: export to ONNX or MLX, which follow "
+                               f"{fam.no_rope_key}")
 
 
 def arch_spec(model_type: str) -> ArchSpec:
@@ -133,6 +154,7 @@ class HParams:
         try:
             n_head = int(config["num_attention_heads"])
             hidden = int(config["hidden_size"])
+            check_rope_layers(config)
             return cls(n_layers=int(config["num_hidden_layers"]), hidden=hidden,
                        intermediate=int(config["intermediate_size"]), n_head=n_head,
                        n_kv_head=int(config.get("num_key_value_heads") or n_head),

@@ -12,6 +12,7 @@ transformers' modeling code, in float32 activations:
   ``[B, n_kv, n_rep·S, d]`` (query head ``h`` uses K/V head ``h // n_rep``, as ``repeat_kv``);
   causal + padding (+ sliding window) mask built from ``attention_mask``; ``present = concat(past, new)``;
 * SwiGLU MLP; tied or untied head;
+* no rotation on the layers the family marks so (SmolLM3's ``no_rope_layers``);
 * the family's multipliers (:func:`blora_export.families.scales`, Granite): on the embeddings, the
   attention scores (in place of ``head_dim^-0.5``), each sublayer's output, and a divisor on the logits.
 
@@ -30,7 +31,7 @@ from onnx import TensorProto, helper
 
 from blora_export.base import rope_parameters
 from blora_export.errors import UnsupportedError
-from blora_export.families import Scales, attention_window, family, head_dim, scales
+from blora_export.families import Scales, attention_window, family, head_dim, rope_layers, scales
 
 IR_VERSION = 10
 OPSET = 21
@@ -110,6 +111,7 @@ class DecoderSpec:
     context_length: int
     qk_norm: bool = False  # per-head RMSNorm of q and k before the rotation (Qwen3)
     scales: Optional[Scales] = None  # embedding/attention/residual multipliers, logit divisor (Granite)
+    rope_layers: tuple[bool, ...] = ()  # whether each layer rotates q/k (empty: all; SmolLM3 skips some)
 
     @classmethod
     def from_config(cls, config: dict, path=None) -> "DecoderSpec":
@@ -125,7 +127,8 @@ class DecoderSpec:
                    eps=float(config.get("rms_norm_eps", 1e-6)), inv_freq=inv_freq, rope_scaling=factor,
                    sliding_window=sliding_window(config), tied=bool(config.get("tie_word_embeddings", False)),
                    context_length=int(config.get("max_position_embeddings", 4096)),
-                   qk_norm=family(config["model_type"]).qk_norm, scales=scales(config))
+                   qk_norm=family(config["model_type"]).qk_norm, scales=scales(config),
+                   rope_layers=rope_layers(config))
 
 
 def rope_frequencies(config: dict, head_dim: int, path=None) -> tuple[tuple[float, ...], float]:
@@ -265,8 +268,9 @@ def attention(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvid
         prefix = f"model.layers.{i}.self_attn"
         q = rms_norm(g, q, weights.tensor(f"{prefix}.q_norm.weight"), spec.eps, f"{prefix}.q_norm.weight")
         k = rms_norm(g, k, weights.tensor(f"{prefix}.k_norm.weight"), spec.eps, f"{prefix}.k_norm.weight")
-    q = apply_rotary(g, q, ctx["cos"], ctx["sin"], hd)
-    k = apply_rotary(g, k, ctx["cos"], ctx["sin"], hd)
+    if not spec.rope_layers or spec.rope_layers[i]:  # SmolLM3's NoPE layers: no rotation
+        q = apply_rotary(g, q, ctx["cos"], ctx["sin"], hd)
+        k = apply_rotary(g, k, ctx["cos"], ctx["sin"], hd)
     k_all = g.op("Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
     v_all = g.op("Concat", [f"past_key_values.{i}.value", heads_first(g, v, nkv, hd)],
                  outputs=[f"present.{i}.value"], axis=2)

@@ -19,7 +19,7 @@ Public API::
 
     make_tokenizer(out_dir, kind="spm", vocab_size=512) -> None
     make_base(out_dir, arch="llama", *, hidden_size=128, intermediate_size=256,
-              num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512, seed=0,
+              num_layers=None, num_heads=4, num_kv_heads=2, vocab_size=512, seed=0,
               dtype=torch.float32, tie_word_embeddings=False, shards=1,
               legacy_config=False) -> Path
     prompts() -> list[str]
@@ -49,14 +49,15 @@ __all__ = [
 
 CORPUS_PATH = Path(__file__).resolve().parent / "corpus.txt"
 
-ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3", "granite")
+ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3", "granite", "smollm3")
 # Which tokenizer each architecture gets ("llama3" is a LlamaForCausalLM with Llama 3.x conventions).
 TOKENIZER_KIND = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "llama3": "llama3", "qwen3": "bpe",
-                  "granite": "bpe"}
+                  "granite": "bpe", "smollm3": "llama3"}
 # Deliberately different per architecture so a converter that ignores rope_theta gets caught.
 ROPE_THETA = {"llama": 10000.0, "mistral": 1000000.0, "qwen2": 1000000.0, "llama3": 10000.0, "qwen3": 1000000.0,
-              "granite": 10000.0}
-RMS_NORM_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6, "llama3": 1e-5, "qwen3": 1e-6, "granite": 1e-5}
+              "granite": 10000.0, "smollm3": 5000000.0}
+RMS_NORM_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6, "llama3": 1e-5, "qwen3": 1e-6, "granite": 1e-5,
+                "smollm3": 1e-6}
 MAX_POSITION_EMBEDDINGS = 512
 # Llama 3.x rope scaling with an original context so short (64) that the 8x scaling of the low
 # frequencies changes the tiny model's logits on the 10-20 token prompts: a writer that drops it
@@ -69,6 +70,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 # at this attention multiplier, so the model stays as non-trivial as they are with every multiplier in place.
 GRANITE_SCALES = {"embedding_multiplier": 12.0, "attention_multiplier": 0.015, "residual_multiplier": 0.22,
                   "logits_scaling": 8.0}
+# Decoder layers when make_base is not told: SmolLM3 skips the rotation on every 4th layer (its
+# default no_rope_layers, the pattern llama.cpp's smollm3 graph fixes), so its tiny model has 4.
+DEFAULT_LAYERS = {"smollm3": 4}
 # Qwen3-0.6B/4B style: head_dim (48) is not hidden/heads (32).
 QWEN3_HEAD_DIM = 48
 
@@ -415,6 +419,11 @@ def _build_config(
         from transformers import GraniteConfig
 
         cfg = GraniteConfig(attention_bias=False, mlp_bias=False, **GRANITE_SCALES, **common)
+    elif arch == "smollm3":
+        from transformers import SmolLM3Config
+
+        cfg = SmolLM3Config(use_sliding_window=False, sliding_window=None, attention_bias=False, mlp_bias=False,
+                            **common)
     elif arch == "qwen3":
         from transformers import Qwen3Config
 
@@ -443,6 +452,7 @@ def _model_class(arch: str):
         "llama3": transformers.LlamaForCausalLM,
         "qwen3": transformers.Qwen3ForCausalLM,
         "granite": transformers.GraniteForCausalLM,
+        "smollm3": transformers.SmolLM3ForCausalLM,
     }[arch]
 
 
@@ -570,7 +580,7 @@ def make_base(
     *,
     hidden_size: int = 128,
     intermediate_size: int = 256,
-    num_layers: int = 2,
+    num_layers: int | None = None,
     num_heads: int = 4,
     num_kv_heads: int = 2,
     vocab_size: int = 512,
@@ -583,8 +593,9 @@ def make_base(
 ) -> Path:
     """Build a tiny random base model folder for ``arch`` in ARCHS ("llama3" is Llama 3.x: llama3
     rope scaling, byte-level BPE with Llama 3's special tokens and two stop ids; "qwen3" has per-head
-    q/k norms and head_dim 48 != hidden/heads). ``sliding_window`` (mistral only) sets one attention
-    window.
+    q/k norms and head_dim 48 != hidden/heads; "granite" has its four multipliers, GRANITE_SCALES;
+    "smollm3" skips the rotation on every 4th layer and has 4 layers unless ``num_layers`` says
+    otherwise; every other arch has 2). ``sliding_window`` (mistral only) sets one attention window.
 
     The folder holds config.json, generation_config.json, model.safetensors (or
     model-0000k-of-0000n.safetensors + model.safetensors.index.json when shards > 1) and the
@@ -597,6 +608,7 @@ def make_base(
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r} (expected one of {ARCHS})")
+    num_layers = DEFAULT_LAYERS.get(arch, 2) if num_layers is None else num_layers
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
     head_dim = hidden_size // num_heads

@@ -6,7 +6,9 @@ logits of the built-in prompts; Llama-3 byte-level BPE with two stop ids), ``qwe
 (Qwen3Config, per-head q/k RMSNorm, head_dim 48 != hidden/heads, q/k projections 4x larger so the
 norms matter) and ``granite`` (GraniteConfig with embedding multiplier 12, attention multiplier 0.015,
 residual multiplier 0.22 and logits divided by 8; the weights are scaled so the model computes at the
-other families' scales with them, so any one dropped moves the logits far beyond the bound). Every
+other families' scales with them, so any one dropped moves the logits far beyond the bound) and
+``smollm3`` (SmolLM3Config, 4 layers: the 4th does not rotate q/k, as in SmolLM3-3B and llama.cpp's
+smollm3 graph; Llama-3 byte-level BPE). Every
 export is checked by ``api.verify`` (logits against the training-time model) under the same bounds as
 llama; each convention's test fails when the convention is broken.
 """
@@ -24,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from blora_export import api, stream
 from blora_export.cli import main
 from blora_export.errors import UnsupportedError
-from blora_export.families import FAMILIES, Scales, attention_window, family, scales
+from blora_export.families import FAMILIES, Scales, attention_window, family, rope_layers, scales
 from blora_export.spec import MinMaxGrid
 from converters import gguf_kquant, gguf_model, onnx_graph
 
@@ -103,6 +105,11 @@ def test_family_rows_hold_the_conventions():
     granite = {"model_type": "granite", "hidden_size": 128, "num_attention_heads": 4, **GRANITE}
     assert scales(granite) == Scales(12.0, 0.015, 0.22, 8.0)
     assert scales({"model_type": "llama", "hidden_size": 128, "num_attention_heads": 4}) == Scales(1.0, 32**-0.5, 1.0, 1.0)
+    assert rope_layers({"model_type": "smollm3", "num_hidden_layers": 8}) == (True, True, True, False) * 2
+    assert rope_layers({"model_type": "smollm3", "num_hidden_layers": 2, "no_rope_layers": [0, 1]}) == (False, True)
+    assert rope_layers({"model_type": "llama", "num_hidden_layers": 2, "no_rope_layers": [0, 0]}) == (True, True)
+    with pytest.raises(UnsupportedError, match="use_sliding_window"):
+        attention_window({"model_type": "smollm3", "use_sliding_window": True, "sliding_window": 8})
 
 
 def test_gguf_carries_each_family_convention(ckpts, tmp_path):
@@ -125,12 +132,15 @@ def test_gguf_carries_each_family_convention(ckpts, tmp_path):
     keys = ("embedding_scale", "attention.scale", "residual_scale", "logit_scale")
     assert [field(granite, f"granite.{k}") for k in keys] == pytest.approx([12.0, 0.015, 0.22, 8.0])
     assert field(llama3, "llama.embedding_scale") is None  # only the families that have them
+    smollm3 = tmp_path / "smollm3.gguf"
+    api.export(ckpts("smollm3", "qa-blora"), smollm3, "gguf", gguf_type="f32", quiet=True)
+    assert field(smollm3, "general.architecture") == "smollm3" and field(smollm3, "smollm3.block_count") == 4
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("arch", ["llama3", "qwen3", "granite"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen3", "granite", "smollm3"])
 def test_every_format_matches_training_in_its_runtime(ckpts, tmp_path, arch, method, fmt):
     kind, options, verify_options = FORMATS[fmt]
     if method == "q-blora" and fmt in ("onnx-int4", "mlx"):
@@ -227,6 +237,30 @@ def _drop_mlx_key(key: str):
     return breaker
 
 
+def _rope_everywhere_gguf(monkeypatch):
+    """SmolLM3 written as llama: llama.cpp rotates q/k on every layer, the NoPE layer too."""
+    import converters.to_gguf as to_gguf
+    from blora_export.families import FAMILIES
+
+    as_llama = lambda model_type: gguf_model.ArchSpec(replace(FAMILIES[model_type], gguf_arch="LLAMA"))  # noqa: E731
+    monkeypatch.setattr(gguf_model, "arch_spec", as_llama)
+    monkeypatch.setattr(to_gguf, "arch_spec", as_llama)
+    monkeypatch.setattr(gguf_model, "check_rope_layers", lambda config: None)
+
+
+def _rope_everywhere_onnx(monkeypatch):
+    original = onnx_graph.DecoderSpec.from_config.__func__
+    monkeypatch.setattr(onnx_graph.DecoderSpec, "from_config",
+                        classmethod(lambda cls, config, path=None: replace(original(cls, config, path), rope_layers=())))
+
+
+def _rope_everywhere_mlx(monkeypatch):
+    import converters.to_mlx as to_mlx
+
+    extra = to_mlx.mlx_config_extra
+    monkeypatch.setattr(to_mlx, "mlx_config_extra", lambda job, mplan: {**extra(job, mplan), "no_rope_layers": [1] * 4})
+
+
 GRANITE_BREAKERS = ([("granite", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _drop_scale(gguf_model, f))
                      for f in MULTIPLIERS] + [("granite", "onnx", {}, _drop_scale(onnx_graph, f)) for f in MULTIPLIERS]
                     + [("granite", "mlx", {}, _drop_mlx_key(k)) for k in ("embedding_multiplier", "logits_scaling")])
@@ -240,9 +274,13 @@ GRANITE_BREAKERS = ([("granite", "gguf", {"gguf_type": "f32", "runtime": "llama.
     ("qwen3", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _break_gguf_qk_norm),
     ("qwen3", "onnx", {}, _break_onnx_qk_norm),
     *GRANITE_BREAKERS,
+    ("smollm3", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _rope_everywhere_gguf),
+    ("smollm3", "onnx", {}, _rope_everywhere_onnx),
+    ("smollm3", "mlx", {}, _rope_everywhere_mlx),
 ], ids=["gguf-no-rope_freqs", "onnx-no-llama3-rope", "mlx-no-rope_scaling", "gguf-qk-norm-dropped", "onnx-qk-norm-dropped",
         *[f"gguf-granite-no-{f}" for f in MULTIPLIERS], *[f"onnx-granite-no-{f}" for f in MULTIPLIERS],
-        "mlx-granite-no-embedding_multiplier", "mlx-granite-no-logits_scaling"])
+        "mlx-granite-no-embedding_multiplier", "mlx-granite-no-logits_scaling",
+        "gguf-smollm3-rope-everywhere", "onnx-smollm3-rope-everywhere", "mlx-smollm3-rope-everywhere"])
 def test_a_broken_convention_fails_verify(ckpts, tmp_path, monkeypatch, arch, kind, options, breaker):
     ckpt = ckpts(arch, "qa-blora")
     options = dict(options)
@@ -267,6 +305,56 @@ def test_verify_reference_applies_the_multipliers_outside_the_parts(ckpts, tmp_p
     monkeypatch.setattr(stream, "scales", _without(field))
     report = api.verify(ckpt, out, quiet=True)
     assert not report.passed and report.logits.max_rel > 10 * report.tolerance.max_rel, report.to_json()
+
+
+def test_nope_layers_llama_cpp_cannot_run_are_refused_and_onnx_follows_them(tiny_base, make_ckpt, tmp_path, capsys):
+    """llama.cpp's smollm3 graph fixes the NoPE layers at every 4th: another no_rope_layers is refused in
+    one line naming what follows it; the ONNX graph and mlx-lm compute it."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base("smollm3"), base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "no_rope_layers": [1, 0, 1, 1]}))
+    ckpt = make_ckpt(base, "qa-blora", 32, 4, base_quant=MinMaxGrid(4, 1, 32))
+    code, err = run_cli(capsys, "to-gguf", ckpt, tmp_path / "m.gguf", "--type", "f32", "--quiet")
+    assert code == 2 and len(err.splitlines()) == 1 and "layers [1]" in err and "ONNX or MLX" in err, err
+    assert not (tmp_path / "m.gguf").exists()
+    for kind in ("onnx", "mlx"):
+        api.export(ckpt, tmp_path / kind, kind, quiet=True)
+        report = api.verify(ckpt, tmp_path / kind, quiet=True)
+        assert report.passed, report.to_json()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["granite", "smollm3"])
+def test_onnxruntime_genai_generates_what_training_would(ckpts, tmp_path, arch):
+    """onnxruntime-genai takes the family's model.type and decodes with its KV cache the greedy tokens
+    of the training-time model (transformers, base as trained + adapter branches)."""
+    import onnxruntime_genai as og
+
+    from blora_export.reference import adapter_branches, apply_trained_base, load_hf_model, tokenize_prompts
+
+    ckpt = ckpts(arch, "q-blora")
+    job = api.open_job(ckpt, quiet=True)
+    prompt, steps = tokenize_prompts(job.base, ["Once upon a time"])[0], 8
+    model = load_hf_model(job.base.path)
+    apply_trained_base(model, job.base, job.plan)
+    ids = list(prompt)
+    with torch.no_grad(), adapter_branches(model, list(job.ckpt.modules.values())):
+        while len(ids) < len(prompt) + steps:
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    out = tmp_path / "onnx"
+    api.export(ckpt, out, "onnx", quiet=True)
+    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == family(arch).genai_type
+    og_model = og.Model(str(out))
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(np.array(prompt, np.int32))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens and tokens == ids[len(prompt):len(prompt) + len(tokens)], (tokens, ids[len(prompt):])
 
 
 # ------------------------------------------------------------------ Mistral's sliding window
