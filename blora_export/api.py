@@ -10,6 +10,7 @@ from .base import BaseModel, read_json
 from .checkpoint import ADAPTER_CONFIG, Checkpoint, load_checkpoint, resolve_base_path
 from .enums import Format
 from .errors import BadInputError
+from .families import require_format
 from .io import check_output as guard_output
 from .io import progress_factory
 from .job import ExportJob, ExportResult
@@ -70,6 +71,7 @@ def export(ckpt: str | Path, out: str | Path, format: str, base: str | Path | No
     guard_output(out, sources, overwrite=overwrite, kind=kind)
     check_report(report, sources, [Path(out)])
     job = open_job(ckpt, base, merge_into, quiet)
+    require_format(job.base.config, module.NAME)
     guard_output(out, [job.ckpt.path, job.base.path], overwrite=overwrite, kind=kind)
     result = module.export(job, Path(out), **options)
     log.info("wrote %s (%s) in %.1f s", result.path, result.format, result.seconds)

@@ -19,6 +19,12 @@ llama.cpp's converter and onnxruntime-genai's builder):
   from here (:mod:`blora_export.stream`); the other two are inside the decoder layer module;
 * ``no_rope_key``: the config key of a per-layer list, 1 where the layer rotates q/k and 0 where it
   does not (SmolLM3's ``no_rope_layers``);
+* ``query_scalar``: the config key ``q`` of an attention scale ``q^-0.5`` (Gemma's
+  ``query_pre_attn_scalar``); ``attn_softcap``: the config key of ``cap·tanh(scores/cap)``;
+* ``sandwich_norms``: norms on each sublayer's output too (Gemma 2); ``layer_windows``: the
+  config's ``layer_types`` marks the layers that attend within ``sliding_window`` (Gemma 2);
+* ``formats``: the formats whose writers implement the row (``None``: all); the others refuse it
+  in one line (:func:`require_format`);
 * ``fused``: Linear groups the base itself stores fused (none of the supported rows);
 * ``rope_types``: the rope scalings each writer can represent for this family;
 * ``window_key``: the config key of one attention window shared by every layer (Mistral);
@@ -53,13 +59,14 @@ class Family:
     no_rope_key: Optional[str] = None
     attn_softcap: Optional[str] = None  # config keys of Gemma 2's logit softcaps
     final_softcap: Optional[str] = None
+    query_scalar: Optional[str] = None  # config key q: attention scale q^-0.5 (Gemma's query_pre_attn_scalar)
+    sandwich_norms: bool = False  # Gemma 2: norms after attention and MLP outputs too (pre/post feedforward)
+    layer_windows: bool = False  # config layer_types marks the layers attending within sliding_window
+    formats: Optional[tuple[str, ...]] = None  # the formats whose writers implement the row (None: all)
 
     def unimplemented(self) -> list[str]:
         """Conventions of this row that no writer implements yet (a row that sets one is refused)."""
-        return [name for name, value in (("norm offset", self.norm_offset), ("fused projections", self.fused),
-                                         ("√hidden embedding scale", self.embedding_scale == SQRT_HIDDEN),
-                                         ("attention softcap", self.attn_softcap),
-                                         ("final logit softcap", self.final_softcap)) if value]
+        return [name for name, value in (("fused projections", self.fused),) if value]
 
 
 #: ``embedding_scale`` of a family whose embeddings are multiplied by √hidden_size (Gemma).
@@ -81,6 +88,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("granite", "GRANITE", permute_qk=True, genai_type="granite", mlx_model="granite",
            embedding_scale="embedding_multiplier", attention_scale="attention_multiplier",
            residual_scale="residual_multiplier", logit_divisor="logits_scaling"),
+    # Gemma 2: x·(1+w) norms, also after attention and MLP; √hidden embeddings; q scaled by
+    # query_pre_attn_scalar^-0.5; tanh softcaps on the scores and the logits; every other layer local.
+    # mlx-lm's gemma2 has no window and llama.cpp's picks its attention scale by model size: ONNX and the
+    # transformers folders only, for now.
+    Family("gemma2", "GEMMA2", permute_qk=False, genai_type="gemma2", mlx_model="gemma2", norm_offset=1.0,
+           embedding_scale=SQRT_HIDDEN, attn_softcap="attn_logit_softcapping",
+           final_softcap="final_logit_softcapping", query_scalar="query_pre_attn_scalar", sandwich_norms=True,
+           layer_windows=True, formats=("onnx", "safetensors", "peft")),
 )}
 SUPPORTED = tuple(m for m, f in FAMILIES.items() if not f.unimplemented())
 
@@ -106,6 +121,7 @@ class Scales:
     residual: float
     logit_divisor: float
     final_softcap: Optional[float] = None
+    attn_softcap: Optional[float] = None
 
 
 def scales(config: dict) -> Scales:
@@ -120,10 +136,12 @@ def scales(config: dict) -> Scales:
         if config.get(key) is None:
             raise BadInputError(f"config.json of a {fam.model_type} model lacks {key!r}")
         return float(config[key])
-    cap = config.get(fam.final_softcap) if fam.final_softcap else None
-    return Scales(embedding=read(fam.embedding_scale, 1.0), attention=read(fam.attention_scale, head_dim(config) ** -0.5),
+    attention = read(fam.query_scalar, 1.0) ** -0.5 if fam.query_scalar else head_dim(config) ** -0.5
+    caps = [config.get(key) if key else None for key in (fam.attn_softcap, fam.final_softcap)]
+    return Scales(embedding=read(fam.embedding_scale, 1.0), attention=read(fam.attention_scale, attention),
                   residual=read(fam.residual_scale, 1.0), logit_divisor=read(fam.logit_divisor, 1.0),
-                  final_softcap=None if cap is None else float(cap))
+                  final_softcap=None if caps[1] is None else float(caps[1]),
+                  attn_softcap=None if caps[0] is None else float(caps[0]))
 
 
 def head_dim(config: dict) -> int:
@@ -159,3 +177,23 @@ def rope_layers(config: dict) -> tuple[bool, ...]:
     if len(flags) != n:
         raise BadInputError(f"config.json's {fam.no_rope_key} has {len(flags)} entries for {n} layers")
     return tuple(bool(f) for f in flags)
+
+
+def layer_windows(config: dict) -> tuple[Optional[int], ...]:
+    """The attention window of each decoder layer (``None``: global): the one window of
+    :func:`attention_window` on every layer, or ``sliding_window`` on the layers ``layer_types`` marks
+    ``sliding_attention`` (Gemma 2: every other layer)."""
+    fam, n = family(config.get("model_type")), int(config["num_hidden_layers"])
+    if not fam.layer_windows:
+        return (attention_window(config),) * n
+    kinds = config.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    window = config.get("sliding_window")
+    return tuple(int(window) if window and kind == "sliding_attention" else None for kind in kinds)
+
+
+def require_format(config: dict, fmt: str) -> None:
+    """Refuse, in one line naming the formats that work, a format whose writer does not implement the family."""
+    fam = family(config.get("model_type"))
+    if fam.formats is not None and fmt not in fam.formats:
+        raise UnsupportedError(f"{fam.model_type} is not exported to {fmt} yet (its conventions are implemented "
+                               f"for {', '.join(fam.formats)}): export to one of those")

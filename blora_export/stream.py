@@ -10,8 +10,9 @@ many streams use it.
 
 What the model's own ``forward`` computes between the parts comes from the family table
 (:func:`blora_export.families.scales`): the embedding multiplier (Granite) after the embeddings,
-the logit divisor (Granite) and the final softcap (Gemma 2) after the head. A family whose Hugging
-Face embedding module scales by itself (Gemma 3) must not name that scale in its row.
+the logit divisor (Granite) and the final softcap (Gemma 2) after the head. Where transformers'
+embedding module scales by itself (Gemma's ``*ScaledWordEmbedding``, whose ``scalar_embed_scale``
+is the value of its non-persistent ``embed_scale`` buffer), the module's scale is used instead.
 
 A stream is one model: the training-time model, the base without the adapter, the base with
 a runtime's rounding, or a float-weight artifact read tensor by tensor.
@@ -107,6 +108,9 @@ def skeleton(base: BaseModel):
 def materialized(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """``module`` with CPU storage for its parameters, back on the meta device afterwards."""
     module.to_empty(device="cpu")
+    for sub in module.modules():  # buffers the meta device left without values
+        if hasattr(sub, "scalar_embed_scale") and isinstance(getattr(sub, "embed_scale", None), torch.Tensor):
+            sub.embed_scale.fill_(sub.scalar_embed_scale)
     try:
         yield module
     finally:
@@ -174,7 +178,7 @@ class StreamedForward:
             stream.states = list(ids)
         with torch.no_grad():
             rope = [self.rotary(torch.zeros(1, dtype=torch.float32), p) for p in positions]
-            embed = self.scales.embedding
+            embed = 1.0 if hasattr(inner.embed_tokens, "scalar_embed_scale") else self.scales.embedding
             self._part(inner.embed_tokens, "model.embed_tokens", streams, cache,
                        (lambda m, h, i: m(h)) if embed == 1.0 else (lambda m, h, i: m(h) * embed))
             layers = list(enumerate(inner.layers[: self.model.config.num_hidden_layers]))

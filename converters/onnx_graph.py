@@ -11,7 +11,10 @@ transformers' modeling code, in float32 activations:
 * grouped-query attention without repeating K/V: queries are viewed as
   ``[B, n_kv, n_rep·S, d]`` (query head ``h`` uses K/V head ``h // n_rep``, as ``repeat_kv``);
   causal + padding (+ sliding window) mask built from ``attention_mask``; ``present = concat(past, new)``;
-* SwiGLU MLP; tied or untied head;
+* gated MLP (SiLU, or GELU-tanh for Gemma); tied or untied head; a window per layer (Gemma 2's
+  local layers: one mask per distinct window);
+* Gemma's ``x·(1 + w)`` norms, also on each sublayer's output (sandwich norms), and tanh softcaps
+  on the attention scores and the logits;
 * no rotation on the layers the family marks so (SmolLM3's ``no_rope_layers``);
 * the family's multipliers (:func:`blora_export.families.scales`, Granite): on the embeddings, the
   attention scores (in place of ``head_dim^-0.5``), each sublayer's output, and a divisor on the logits.
@@ -31,7 +34,7 @@ from onnx import TensorProto, helper
 
 from blora_export.base import rope_parameters
 from blora_export.errors import UnsupportedError
-from blora_export.families import Scales, attention_window, family, head_dim, rope_layers, scales
+from blora_export.families import Scales, family, head_dim, layer_windows, rope_layers, scales
 
 IR_VERSION = 10
 OPSET = 21
@@ -42,6 +45,8 @@ ONNX_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Te
                np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int64): TensorProto.INT64}
 # rope types whose inv_freq is a constant (transformers computes it once); others depend on the length.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# transformers' activation name -> the gated MLP's nonlinearity in the graph
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 @dataclass(frozen=True)
@@ -106,17 +111,24 @@ class DecoderSpec:
     eps: float
     inv_freq: tuple[float, ...]  # float32 values
     rope_scaling: float  # transformers' attention_factor (1.0 for default rope)
-    sliding_window: Optional[int]
+    windows: tuple[Optional[int], ...]  # each layer's attention window (None: global)
     tied: bool
     context_length: int
     qk_norm: bool = False  # per-head RMSNorm of q and k before the rotation (Qwen3)
     scales: Optional[Scales] = None  # embedding/attention/residual multipliers, logit divisor (Granite)
     rope_layers: tuple[bool, ...] = ()  # whether each layer rotates q/k (empty: all; SmolLM3 skips some)
+    norm_offset: float = 0.0  # Gemma: norms compute x·(offset + w)
+    sandwich_norms: bool = False  # Gemma 2: norms on the attention and MLP outputs too
+    activation: str = "silu"  # of the gated MLP: silu or gelu_pytorch_tanh (Gemma)
 
     @classmethod
     def from_config(cls, config: dict, path=None) -> "DecoderSpec":
-        if config.get("hidden_act", "silu") not in ("silu", "swish"):
-            raise UnsupportedError(f"hidden_act {config.get('hidden_act')!r}: the ONNX export writes SwiGLU (silu) MLPs")
+        act = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+        if act not in ACTIVATIONS:
+            raise UnsupportedError(f"hidden activation {act!r}: the ONNX export writes gated MLPs with {', '.join(ACTIVATIONS)}")
+        if config.get("use_bidirectional_attention"):
+            raise UnsupportedError("use_bidirectional_attention: the ONNX export writes causal decoders")
+        fam = family(config["model_type"])
         heads = int(config["num_attention_heads"])
         dim = head_dim(config)
         inv_freq, factor = rope_frequencies(config, dim, path)
@@ -125,10 +137,10 @@ class DecoderSpec:
                    vocab=int(config["vocab_size"]), heads=heads,
                    kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=dim,
                    eps=float(config.get("rms_norm_eps", 1e-6)), inv_freq=inv_freq, rope_scaling=factor,
-                   sliding_window=sliding_window(config), tied=bool(config.get("tie_word_embeddings", False)),
+                   windows=layer_windows(config), tied=bool(config.get("tie_word_embeddings", False)),
                    context_length=int(config.get("max_position_embeddings", 4096)),
-                   qk_norm=family(config["model_type"]).qk_norm, scales=scales(config),
-                   rope_layers=rope_layers(config))
+                   qk_norm=fam.qk_norm, scales=scales(config), rope_layers=rope_layers(config),
+                   norm_offset=fam.norm_offset, sandwich_norms=fam.sandwich_norms, activation=ACTIVATIONS[act])
 
 
 def rope_frequencies(config: dict, head_dim: int, path=None) -> tuple[tuple[float, ...], float]:
@@ -149,11 +161,6 @@ def rope_frequencies(config: dict, head_dim: int, path=None) -> tuple[tuple[floa
 
     inv, factor = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.from_pretrained(str(path)), None)
     return tuple(float(v) for v in inv.float()), float(factor)
-
-
-def sliding_window(config: dict) -> Optional[int]:
-    """The one attention window of the family table (written into the mask)."""
-    return attention_window(config)
 
 
 class Graph:
@@ -185,8 +192,9 @@ class Graph:
         return self._consts[key]
 
 
-def rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str) -> str:
-    w = g.init(name, weight.astype(np.float32))
+def rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str, offset: float = 0.0) -> str:
+    """``x / sqrt(mean(x²) + eps) · (offset + w)`` (Gemma: offset 1, added in float32 as transformers does)."""
+    w = g.init(name, (np.float32(offset) + weight.astype(np.float32)) if offset else weight.astype(np.float32))
     mean_sq = g.op("ReduceMean", [g.op("Mul", [x, x]), g.const([-1])], keepdims=1)
     denom = g.op("Sqrt", [g.op("Add", [mean_sq, g.const(eps, np.float32)])])
     return g.op("Mul", [g.op("Div", [x, denom]), w])
@@ -237,7 +245,7 @@ def apply_rotary(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
     return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
 
 
-def attention_bias(g: Graph, spec: DecoderSpec) -> str:
+def attention_bias(g: Graph, window: Optional[int]) -> str:
     """``[B, 1, S, T]`` additive mask: 0 where allowed (causal, not padding, in the window), else lowest."""
     seq = g.op("Shape", ["input_ids"], start=1, end=2)
     total = g.op("Shape", ["attention_mask"], start=1, end=2)
@@ -246,8 +254,8 @@ def attention_bias(g: Graph, spec: DecoderSpec) -> str:
     key_pos = g.op("Range", [g.const(0), scalar(total), g.const(1)])
     query_pos = g.op("Unsqueeze", [g.op("Range", [scalar(past), scalar(total), g.const(1)]), g.const([1])])
     allowed = g.op("LessOrEqual", [key_pos, query_pos])
-    if spec.sliding_window:
-        window_start = g.op("Sub", [query_pos, g.const(spec.sliding_window)])
+    if window:
+        window_start = g.op("Sub", [query_pos, g.const(window)])
         allowed = g.op("And", [allowed, g.op("Greater", [key_pos, window_start])])
     padding = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.BOOL), g.const([1, 2])])
     allowed = g.op("And", [allowed, padding])
@@ -266,8 +274,10 @@ def attention(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvid
     q, k = heads_first(g, q, nh, hd), heads_first(g, k, nkv, hd)
     if spec.qk_norm:  # RMSNorm over each head's d values, before the rotation
         prefix = f"model.layers.{i}.self_attn"
-        q = rms_norm(g, q, weights.tensor(f"{prefix}.q_norm.weight"), spec.eps, f"{prefix}.q_norm.weight")
-        k = rms_norm(g, k, weights.tensor(f"{prefix}.k_norm.weight"), spec.eps, f"{prefix}.k_norm.weight")
+        q = rms_norm(g, q, weights.tensor(f"{prefix}.q_norm.weight"), spec.eps, f"{prefix}.q_norm.weight",
+                     spec.norm_offset)
+        k = rms_norm(g, k, weights.tensor(f"{prefix}.k_norm.weight"), spec.eps, f"{prefix}.k_norm.weight",
+                     spec.norm_offset)
     if not spec.rope_layers or spec.rope_layers[i]:  # SmolLM3's NoPE layers: no rotation
         q = apply_rotary(g, q, ctx["cos"], ctx["sin"], hd)
         k = apply_rotary(g, k, ctx["cos"], ctx["sin"], hd)
@@ -277,8 +287,8 @@ def attention(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvid
     grouped = g.op("Reshape", [q, g.const([0, nkv, -1, hd])])  # [B, n_kv, n_rep·S, d]
     scores = g.op("MatMul", [grouped, g.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
     scale = spec.scales.attention if spec.scales else hd ** -0.5
-    scores = g.op("Mul", [scores, g.const(scale, np.float32)])
-    scores = g.op("Add", [g.op("Reshape", [scores, g.const([0, nh, -1, 0])]), ctx["mask"]])
+    scores = softcapped(g, g.op("Mul", [scores, g.const(scale, np.float32)]), spec.scales and spec.scales.attn_softcap)
+    scores = g.op("Add", [g.op("Reshape", [scores, g.const([0, nh, -1, 0])]), ctx["masks"][spec.windows[i]]])
     probs = g.op("Reshape", [g.op("Softmax", [scores], axis=-1), g.const([0, nkv, -1, 0])])
     out = g.op("Reshape", [g.op("MatMul", [probs, v_all]), g.const([0, nh, -1, hd])])
     out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd])])
@@ -288,8 +298,19 @@ def attention(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvid
 def mlp(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvider) -> str:
     gate_up = linear(g, x, weights.linear(i, LINEAR_GROUPS[2]), f"model.layers.{i}.mlp.gate_up_proj")
     gate, up = g.op("Split", [gate_up, g.const([spec.intermediate, spec.intermediate])], outputs=2, axis=-1)
-    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+    if spec.activation == "gelu_tanh":
+        act = g.op("Mul", [g.op("Gelu", [gate], approximate="tanh"), up])
+    else:
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
     return linear(g, act, weights.linear(i, LINEAR_GROUPS[3]), f"model.layers.{i}.mlp.down_proj")
+
+
+def softcapped(g: Graph, x: str, cap: Optional[float]) -> str:
+    """``cap · tanh(x / cap)`` (Gemma 2's softcaps; no node without one)."""
+    if not cap:
+        return x
+    c = g.const(cap, np.float32)
+    return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, c])]), c])
 
 
 def scaled(g: Graph, x: str, factor: float) -> str:
@@ -314,35 +335,45 @@ def decoder_io(spec: DecoderSpec) -> tuple[list, list]:
     return inputs, outputs
 
 
+def decoder_layer(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvider, ctx: dict, sc: Scales) -> str:
+    """One pre-norm block: ``x + attn(norm(x))``, then ``+ mlp(norm(·))``; with sandwich norms (Gemma 2)
+    each sublayer's output is normed too (``post_attention_layernorm`` / ``post_feedforward_layernorm``,
+    the MLP's input norm being ``pre_feedforward_layernorm``); Granite's residual multiplier on each."""
+    def norm(x: str, local: str) -> str:
+        name = f"model.layers.{i}.{local}.weight"
+        return rms_norm(g, x, weights.tensor(name), spec.eps, name, spec.norm_offset)
+    h = attention(g, spec, i, norm(x, "input_layernorm"), weights, ctx)
+    if spec.sandwich_norms:
+        h = norm(h, "post_attention_layernorm")
+    x = g.op("Add", [x, scaled(g, h, sc.residual)])
+    h = mlp(g, spec, i, norm(x, "pre_feedforward_layernorm" if spec.sandwich_norms else "post_attention_layernorm"),
+            weights)
+    if spec.sandwich_norms:
+        h = norm(h, "post_feedforward_layernorm")
+    return g.op("Add", [x, scaled(g, h, sc.residual)])
+
+
 def build_decoder(spec: DecoderSpec, weights: WeightProvider, store, progress=iter):
     """The whole decoder as an ``onnx.ModelProto`` without initializers: they stay in ``store``
     (written as they are made) and join the graph once the store is finished."""
     g = Graph(store)
     embed = weights.tensor("model.embed_tokens.weight")
     embed_ref = float_weight(g, "model.embed_tokens.weight", embed)
-    x = g.op("Gather", [embed_ref, "input_ids"], axis=0)
     sc = spec.scales or Scales(1.0, spec.head_dim ** -0.5, 1.0, 1.0)
-    if sc.final_softcap:
-        raise UnsupportedError("a final logit softcap is not written by the ONNX export")
-    x = scaled(g, x, sc.embedding)
-    ctx = {"mask": attention_bias(g, spec)}
+    x = scaled(g, g.op("Gather", [embed_ref, "input_ids"], axis=0), sc.embedding)
+    ctx = {"masks": {w: attention_bias(g, w) for w in sorted(set(spec.windows), key=lambda w: w or 0)}}
     ctx["cos"], ctx["sin"] = rotary_tables(g, spec)
     for i in progress(range(spec.num_layers), desc="onnx layers", total=spec.num_layers, unit="layer"):
-        h = rms_norm(g, x, weights.tensor(f"model.layers.{i}.input_layernorm.weight"), spec.eps,
-                     f"model.layers.{i}.input_layernorm.weight")
-        x = g.op("Add", [x, scaled(g, attention(g, spec, i, h, weights, ctx), sc.residual)])
-        h = rms_norm(g, x, weights.tensor(f"model.layers.{i}.post_attention_layernorm.weight"), spec.eps,
-                     f"model.layers.{i}.post_attention_layernorm.weight")
-        x = g.op("Add", [x, scaled(g, mlp(g, spec, i, h, weights), sc.residual)])
-    x = rms_norm(g, x, weights.tensor("model.norm.weight"), spec.eps, "model.norm.weight")
+        x = decoder_layer(g, spec, i, x, weights, ctx, sc)
+    x = rms_norm(g, x, weights.tensor("model.norm.weight"), spec.eps, "model.norm.weight", spec.norm_offset)
     if spec.tied:
         head = g.op("Transpose", [embed_ref], perm=[1, 0])
     else:
         head = float_weight(g, "lm_head.MatMul.weight", np.ascontiguousarray(weights.tensor("lm_head.weight").T))
-    if sc.logit_divisor == 1.0:
-        g.op("MatMul", [x, head], outputs=["logits"])
-    else:  # as transformers: logits / logits_scaling
-        g.op("Div", [g.op("MatMul", [x, head]), g.const(sc.logit_divisor, np.float32)], outputs=["logits"])
+    logits = g.op("MatMul", [x, head])
+    if sc.logit_divisor != 1.0:  # as transformers: logits / logits_scaling, then the final softcap
+        logits = g.op("Div", [logits, g.const(sc.logit_divisor, np.float32)])
+    g.op("Identity", [softcapped(g, logits, sc.final_softcap)], outputs=["logits"])
     inputs, outputs = decoder_io(spec)
     graph = helper.make_graph(g.nodes, "blora_decoder", inputs, outputs)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, MS_OPSET)]

@@ -31,7 +31,7 @@ from blora_export.base import BaseModel
 from blora_export.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BLORA_CONFIG, read_json, resolve_base_path
 from blora_export.delta import AdapterModule, delta_weight, lora_factors
 from blora_export.errors import BadInputError, BloraError, UnsupportedError
-from blora_export.families import attention_window
+from blora_export.families import attention_window, require_format
 from blora_export.hf_folder import PROVENANCE_FILE, provenance, rope_overrides
 from blora_export.io import atomic_dir
 from blora_export.job import Artifact, ExportJob, ExportResult, LayerCheck
@@ -187,6 +187,8 @@ def write_mlx(job: ExportJob, tmp: Path) -> dict:
 def export(job: ExportJob, out: Path, layout: str = "peft") -> ExportResult:
     if layout not in LAYOUTS:
         raise UnsupportedError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "mlx":  # the adapter runs in mlx-lm's model of the family
+        require_format(job.base.config, "mlx")
     start = time.perf_counter()
     with atomic_dir(out) as tmp:
         info = write_peft(job, tmp, Path(out)) if layout == "peft" else write_mlx(job, tmp)

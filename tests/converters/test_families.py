@@ -8,7 +8,9 @@ norms matter) and ``granite`` (GraniteConfig with embedding multiplier 12, atten
 residual multiplier 0.22 and logits divided by 8; the weights are scaled so the model computes at the
 other families' scales with them, so any one dropped moves the logits far beyond the bound) and
 ``smollm3`` (SmolLM3Config, 4 layers: the 4th does not rotate q/k, as in SmolLM3-3B and llama.cpp's
-smollm3 graph; Llama-3 byte-level BPE). Every
+smollm3 graph; Llama-3 byte-level BPE) and ``gemma2`` (Gemma2Config: x·(1+w) norms, sandwich norms,
+√hidden embeddings, q scaled by 8^-0.5, score and logit softcaps 5 and 20, an 8-token window on layer 0,
+GELU-tanh, tied head: ONNX and the transformers folders; GGUF and MLX refuse it). Every
 export is checked by ``api.verify`` (logits against the training-time model) under the same bounds as
 llama; each convention's test fails when the convention is broken.
 """
@@ -157,6 +159,24 @@ def test_every_format_matches_training_in_its_runtime(ckpts, tmp_path, arch, met
     assert report.logits.max_rel < report.adapter_effect / 4, report.to_json()  # it sees the adapter
 
 
+GEMMA2_FORMATS = ("onnx-fp32", "onnx-int4", "safetensors", "peft")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", GEMMA2_FORMATS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_gemma2_matches_training_in_the_formats_that_implement_it(ckpts, tmp_path, method, fmt):
+    test_every_format_matches_training_in_its_runtime(ckpts, tmp_path, "gemma2", method, fmt)
+
+
+@pytest.mark.parametrize("args", [("to-gguf", "--type", "f32"), ("to-safetensors", "--layout", "mlx"),
+                                  ("to-peft", "--layout", "mlx")], ids=["gguf", "mlx", "mlx-lora"])
+def test_gemma2_is_refused_where_its_runtime_would_run_another_model(ckpts, tmp_path, capsys, args):
+    code, err = run_cli(capsys, args[0], ckpts("gemma2", "qa-blora"), tmp_path / "out", *args[1:], "--quiet")
+    assert code == 2 and len(err.splitlines()) == 1 and "onnx, safetensors, peft" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama3", "qwen3"])
 def test_paper_layout_checkpoints_too(tiny_base, make_ckpt, tmp_path, arch):
@@ -216,7 +236,7 @@ MULTIPLIERS = ("embedding", "attention", "residual", "logit_divisor")
 
 
 def _without(field: str):
-    """``scales`` with one Granite multiplier back at its plain-llama value (1, or head_dim^-0.5)."""
+    """``scales`` with one multiplier back at its plain-llama value (1, head_dim^-0.5, no softcap)."""
     def patched(config):
         plain = Scales(1.0, (config["hidden_size"] // config["num_attention_heads"]) ** -0.5, 1.0, 1.0)
         return replace(scales(config), **{field: getattr(plain, field)})
@@ -262,6 +282,29 @@ def _rope_everywhere_mlx(monkeypatch):
     monkeypatch.setattr(to_mlx, "mlx_config_extra", lambda job, mplan: {**extra(job, mplan), "no_rope_layers": [1] * 4})
 
 
+def _onnx_spec(**change):
+    """The ONNX decoder spec with one convention changed (``scales``: a dict of Scales fields)."""
+    def breaker(monkeypatch):
+        original = onnx_graph.DecoderSpec.from_config.__func__
+
+        def changed(cls, config, path=None):
+            spec = original(cls, config, path)
+            fields = dict(change)
+            if "scales" in fields:
+                fields["scales"] = replace(spec.scales, **fields["scales"])
+            if fields.get("windows") == "global":
+                fields["windows"] = (None,) * spec.num_layers
+            return replace(spec, **fields)
+        monkeypatch.setattr(onnx_graph.DecoderSpec, "from_config", classmethod(changed))
+    return breaker
+
+
+GEMMA2_BREAKERS = {"no-norm-offset": dict(norm_offset=0.0), "no-sandwich-norms": dict(sandwich_norms=False),
+                   "silu": dict(activation="silu"), "no-window": dict(windows="global"),
+                   "no-embedding-scale": dict(scales={"embedding": 1.0}),
+                   "head_dim-attention-scale": dict(scales={"attention": 32**-0.5}),
+                   "no-attn-softcap": dict(scales={"attn_softcap": None}),
+                   "no-final-softcap": dict(scales={"final_softcap": None})}
 GRANITE_BREAKERS = ([("granite", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _drop_scale(gguf_model, f))
                      for f in MULTIPLIERS] + [("granite", "onnx", {}, _drop_scale(onnx_graph, f)) for f in MULTIPLIERS]
                     + [("granite", "mlx", {}, _drop_mlx_key(k)) for k in ("embedding_multiplier", "logits_scaling")])
@@ -278,10 +321,12 @@ GRANITE_BREAKERS = ([("granite", "gguf", {"gguf_type": "f32", "runtime": "llama.
     ("smollm3", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _rope_everywhere_gguf),
     ("smollm3", "onnx", {}, _rope_everywhere_onnx),
     ("smollm3", "mlx", {}, _rope_everywhere_mlx),
+    *[("gemma2", "onnx", {}, _onnx_spec(**change)) for change in GEMMA2_BREAKERS.values()],
 ], ids=["gguf-no-rope_freqs", "onnx-no-llama3-rope", "mlx-no-rope_scaling", "gguf-qk-norm-dropped", "onnx-qk-norm-dropped",
         *[f"gguf-granite-no-{f}" for f in MULTIPLIERS], *[f"onnx-granite-no-{f}" for f in MULTIPLIERS],
         "mlx-granite-no-embedding_multiplier", "mlx-granite-no-logits_scaling",
-        "gguf-smollm3-rope-everywhere", "onnx-smollm3-rope-everywhere", "mlx-smollm3-rope-everywhere"])
+        "gguf-smollm3-rope-everywhere", "onnx-smollm3-rope-everywhere", "mlx-smollm3-rope-everywhere",
+        *[f"onnx-gemma2-{name}" for name in GEMMA2_BREAKERS]])
 def test_a_broken_convention_fails_verify(ckpts, tmp_path, monkeypatch, arch, kind, options, breaker):
     ckpt = ckpts(arch, "qa-blora")
     options = dict(options)
@@ -295,11 +340,12 @@ def test_a_broken_convention_fails_verify(ckpts, tmp_path, monkeypatch, arch, ki
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("field", ["embedding", "logit_divisor"])
-def test_verify_reference_applies_the_multipliers_outside_the_parts(ckpts, tmp_path, monkeypatch, field):
-    """Granite's embedding multiplier and logit divisor live in the model's forward, outside the parts
-    verify streams: without them its reference is another model, and a right export fails."""
-    ckpt = ckpts("granite", "qa-blora")
+@pytest.mark.parametrize("arch,field", [("granite", "embedding"), ("granite", "logit_divisor"),
+                                        ("gemma2", "final_softcap")])
+def test_verify_reference_applies_the_multipliers_outside_the_parts(ckpts, tmp_path, monkeypatch, arch, field):
+    """Granite's embedding multiplier and logit divisor, Gemma 2's final softcap live in the model's forward,
+    outside the parts verify streams: without them its reference is another model, and a right export fails."""
+    ckpt = ckpts(arch, "qa-blora")
     out = tmp_path / "onnx"
     api.export(ckpt, out, "onnx", quiet=True)
     assert api.verify(ckpt, out, quiet=True).passed
@@ -326,7 +372,7 @@ def test_nope_layers_llama_cpp_cannot_run_are_refused_and_onnx_follows_them(tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["granite", "smollm3"])
+@pytest.mark.parametrize("arch", ["granite", "smollm3", "gemma2"])
 def test_onnxruntime_genai_generates_what_training_would(ckpts, tmp_path, arch):
     """onnxruntime-genai takes the family's model.type and decodes with its KV cache the greedy tokens
     of the training-time model (transformers, base as trained + adapter branches)."""
