@@ -67,6 +67,7 @@ class Arithmetic:
 
     rules: dict = field(default_factory=dict)  # module name -> Rule
     kv_dtype: Optional[torch.dtype] = None
+    act_dtype: Optional[torch.dtype] = None  # the MLP nonlinearity's input and output (ggml's fp16 GELU table)
 
     def hooks(self, part: torch.nn.Module, prefix: str) -> list:
         handles = []
@@ -77,4 +78,7 @@ class Arithmetic:
                 handles.append(sub.register_forward_pre_hook(lambda _m, args, rule=rule: (rule(args[0]),) + args[1:]))
             if self.kv_dtype is not None and name.rsplit(".", 1)[-1] in KV_PROJECTIONS:
                 handles.append(sub.register_forward_hook(lambda _m, _a, out: round_dtype(out, self.kv_dtype)))
+            if self.act_dtype is not None and name.endswith("mlp.act_fn"):
+                handles.append(sub.register_forward_pre_hook(lambda _m, args: (round_dtype(args[0], self.act_dtype),)))
+                handles.append(sub.register_forward_hook(lambda _m, _a, out: round_dtype(out, self.act_dtype)))
         return handles

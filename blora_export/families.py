@@ -90,12 +90,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            residual_scale="residual_multiplier", logit_divisor="logits_scaling"),
     # Gemma 2: x·(1+w) norms, also after attention and MLP; √hidden embeddings; q scaled by
     # query_pre_attn_scalar^-0.5; tanh softcaps on the scores and the logits; every other layer local.
-    # mlx-lm's gemma2 has no window and llama.cpp's picks its attention scale by model size: ONNX and the
-    # transformers folders only, for now.
+    # mlx-lm's gemma2 has no window: every format but MLX (llama.cpp's graph fixes the window pattern and
+    # picks the attention scale by model size: the GGUF writer checks both against the config).
     Family("gemma2", "GEMMA2", permute_qk=False, genai_type="gemma2", mlx_model="gemma2", norm_offset=1.0,
            embedding_scale=SQRT_HIDDEN, attn_softcap="attn_logit_softcapping",
            final_softcap="final_logit_softcapping", query_scalar="query_pre_attn_scalar", sandwich_norms=True,
-           layer_windows=True, formats=("onnx", "safetensors", "peft")),
+           layer_windows=True, formats=("gguf", "onnx", "safetensors", "peft")),
 )}
 SUPPORTED = tuple(m for m, f in FAMILIES.items() if not f.unimplemented())
 

@@ -27,7 +27,16 @@ from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter
 
 from blora_export.base import DECODER_LINEAR, rope_parameters
 from blora_export.errors import BadInputError, UnsupportedError
-from blora_export.families import SQRT_HIDDEN, Family, attention_window, family, head_dim, rope_layers, scales
+from blora_export.families import (
+    SQRT_HIDDEN,
+    Family,
+    attention_window,
+    family,
+    head_dim,
+    layer_windows,
+    rope_layers,
+    scales,
+)
 from blora_export.fold import fold_obstacles, fold_refusal, gguf_grid
 from blora_export.job import ExportJob
 from blora_export.merge import exact_merged_weight, merged_weight, trained_base_weight
@@ -83,6 +92,36 @@ def check_rope_layers(config: dict) -> None:
         raise UnsupportedError(f"{fam.model_type}: rope is off on layers {off} ({fam.no_rope_key}), and llama.cpp's "
                                f"{fam.gguf_arch.lower()} graph skips it on {fixed}: export to ONNX or MLX, which follow "
                                f"{fam.no_rope_key}")
+
+
+#: llama.cpp graphs with local layers at a fixed period (``il % n < n - 1``: Gemma 2's even layers)
+#: and the window from ``attention.sliding_window``.
+SWA_PATTERN = {"GEMMA2": 2}
+#: llama.cpp's Gemma 2 attention scale: (n_embd/n_head)^-0.5 for the 46-layer 27B, else head_dim^-0.5.
+GEMMA2_27B_LAYERS = 46
+
+
+def check_llama_cpp_conventions(config: dict) -> None:
+    """Refuse a Gemma 2 config whose windows, attention scale or softcaps llama.cpp's graph, which fixes
+    them, would not compute."""
+    fam = family(config["model_type"])
+    if not fam.layer_windows:
+        return
+    windows, sc, period = layer_windows(config), scales(config), SWA_PATTERN.get(fam.gguf_arch)
+    expected = tuple(max(w or 0 for w in windows) or None if period and i % period < period - 1 else None
+                     for i in range(len(windows)))
+    n, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+    scale = (int(config["hidden_size"]) // heads if n == GEMMA2_27B_LAYERS else head_dim(config)) ** -0.5
+    problems = [f"local layers {[i for i, w in enumerate(windows) if w]} (llama.cpp: every {period}th from 0)"
+                if windows != expected else "",
+                f"attention scale {sc.attention:.6g} (llama.cpp computes {scale:.6g} for {n} layers)"
+                if abs(sc.attention - scale) > 1e-6 * scale else "",
+                "no attention or final softcap (llama.cpp's graph applies both)"
+                if not (sc.attn_softcap and sc.final_softcap) else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise UnsupportedError(f"{fam.model_type}: llama.cpp's {fam.gguf_arch.lower()} graph fixes what this config "
+                               f"sets otherwise: {'; '.join(problems)}; export to ONNX")
 
 
 def arch_spec(model_type: str) -> ArchSpec:
@@ -155,6 +194,7 @@ class HParams:
             n_head = int(config["num_attention_heads"])
             hidden = int(config["hidden_size"])
             check_rope_layers(config)
+            check_llama_cpp_conventions(config)
             return cls(n_layers=int(config["num_hidden_layers"]), hidden=hidden,
                        intermediate=int(config["intermediate_size"]), n_head=n_head,
                        n_kv_head=int(config.get("num_key_value_heads") or n_head),
@@ -201,6 +241,12 @@ def write_multipliers(writer: GGUFWriter, config: dict) -> None:
         writer.add_residual_scale(sc.residual)
     if fam.logit_divisor is not None:
         writer.add_logit_scale(sc.logit_divisor)
+    if fam.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(sc.attn_softcap)
+    if fam.final_softcap is not None:
+        writer.add_final_logit_softcapping(sc.final_softcap)
+    if fam.layer_windows and any(layer_windows(config)):
+        writer.add_sliding_window(max(w or 0 for w in layer_windows(config)))
 
 
 def permutation(rows: int, n_head: int) -> torch.Tensor:
@@ -329,8 +375,10 @@ def encode_tensor(spec: TensorSpec, ctx: EncodeContext) -> np.ndarray:
     if spec.role == "rope_freqs":
         return llama3_rope_factors(ctx.job.base.config)
     job, weight = ctx.job, ctx.job.base.tensor(spec.source)
-    if spec.role == "norm":
-        return np.ascontiguousarray(_rows(weight.to(torch.float32), spec.heads).numpy())
+    if spec.role == "norm":  # llama.cpp computes x·w: a family's offset (Gemma: x·(1+w)) is stored, in float32
+        offset = family(job.base.model_type).norm_offset
+        return np.ascontiguousarray(_rows(weight.to(torch.float32) + offset if offset else weight.to(torch.float32),
+                                          spec.heads).numpy())
     if spec.role == "embed":
         data = quantize(weight, spec.gtype)
         if spec.gtype.quantized:

@@ -219,6 +219,8 @@ def gguf_weights(path: Path, job: ExportJob):
         t = tensors[gname]
         shape = job.base.shape(name if name in job.base.shards else "model.embed_tokens.weight")
         value = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        if value.ndim == 1 and arch.family.norm_offset:  # the file stores offset + w (Gemma's 1 + w)
+            value = value - arch.family.norm_offset
         return unpermute_rows(value, permute_heads(gname, arch, hp))
     return weights
 
@@ -260,8 +262,9 @@ def storage_stream(job: ExportJob, types: dict, name: str, arithmetic: Optional[
     return Stream(name, weights, None if arithmetic is None else arithmetic.hooks)
 
 
-def llama_cpp_arithmetic(types: dict) -> Arithmetic:
-    """llama.cpp's CPU arithmetic for these tensor types (see :mod:`blora_export.emulate`)."""
+def llama_cpp_arithmetic(types: dict, job: Optional[ExportJob] = None) -> Arithmetic:
+    """llama.cpp's CPU arithmetic for these tensor types (see :mod:`blora_export.emulate`); a GELU MLP
+    (Gemma) is computed through ggml's fp16 GELU table: its input and output rounded to fp16."""
     rules = {}
     for name, qtype in types.items():
         if not name.endswith(".weight") or name == "model.embed_tokens.weight":
@@ -276,7 +279,8 @@ def llama_cpp_arithmetic(types: dict) -> Arithmetic:
         rules[name[: -len(".weight")]] = (Rule("int8", 32) if gtype.quantized else
                                           NONE if gtype.float_dtype == torch.float32 else
                                           Rule("dtype", dtype=gtype.float_dtype))
-    return Arithmetic(rules, kv_dtype=torch.float16)
+    gelu = job is not None and "gelu" in str(job.base.config.get("hidden_activation") or job.base.config.get("hidden_act"))
+    return Arithmetic(rules, kv_dtype=torch.float16, act_dtype=torch.float16 if gelu else None)
 
 
 def expected_fold_stream(job: ExportJob) -> Stream:
@@ -372,7 +376,7 @@ def _llama_cpp_kquant(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) 
     their bit width on blocks of 32, which llama.cpp's K-quant search does no worse than) and run with
     llama.cpp's arithmetic emulated (Q8_K activation blocks of 256 for K types, F16 KV cache)."""
     types = file_types(path, job)
-    floor = storage_stream(job, types, "llama.cpp floor", llama_cpp_arithmetic(types))
+    floor = storage_stream(job, types, "llama.cpp floor", llama_cpp_arithmetic(types, job))
     exact = tolerance_for_dtype(torch.float16)
 
     def bound(out: dict) -> Tolerance:
@@ -393,7 +397,7 @@ def _llama_cpp(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Arti
         types["lm_head.weight"] = GGMLQuantizationType.F32
     else:
         types = file_types(path, job)
-    floor = storage_stream(job, types, "llama.cpp floor", llama_cpp_arithmetic(types))
+    floor = storage_stream(job, types, "llama.cpp floor", llama_cpp_arithmetic(types, job))
     exact = tolerance_for_dtype(torch.float32 if info.content == "adapter" else torch.float16)
 
     def bound(out: dict) -> Tolerance:

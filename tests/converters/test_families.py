@@ -10,7 +10,8 @@ other families' scales with them, so any one dropped moves the logits far beyond
 ``smollm3`` (SmolLM3Config, 4 layers: the 4th does not rotate q/k, as in SmolLM3-3B and llama.cpp's
 smollm3 graph; Llama-3 byte-level BPE) and ``gemma2`` (Gemma2Config: x·(1+w) norms, sandwich norms,
 √hidden embeddings, q scaled by 8^-0.5, score and logit softcaps 5 and 20, an 8-token window on layer 0,
-GELU-tanh, tied head: ONNX and the transformers folders; GGUF and MLX refuse it). Every
+GELU-tanh, tied head; MLX refuses it, GGUF where llama.cpp's fixed conventions differ: a copy with
+query_pre_attn_scalar = head_dim runs in llama.cpp). Every
 export is checked by ``api.verify`` (logits against the training-time model) under the same bounds as
 llama; each convention's test fails when the convention is broken.
 """
@@ -169,12 +170,69 @@ def test_gemma2_matches_training_in_the_formats_that_implement_it(ckpts, tmp_pat
     test_every_format_matches_training_in_its_runtime(ckpts, tmp_path, "gemma2", method, fmt)
 
 
-@pytest.mark.parametrize("args", [("to-gguf", "--type", "f32"), ("to-safetensors", "--layout", "mlx"),
-                                  ("to-peft", "--layout", "mlx")], ids=["gguf", "mlx", "mlx-lora"])
-def test_gemma2_is_refused_where_its_runtime_would_run_another_model(ckpts, tmp_path, capsys, args):
+@pytest.mark.parametrize("args,says", [
+    (("to-gguf", "--type", "f32"), "attention scale 0.353553 (llama.cpp computes 0.176777 for 2 layers)"),
+    (("to-safetensors", "--layout", "mlx"), "gguf, onnx, safetensors, peft"),
+    (("to-peft", "--layout", "mlx"), "gguf, onnx, safetensors, peft")], ids=["gguf", "mlx", "mlx-lora"])
+def test_gemma2_is_refused_where_its_runtime_would_run_another_model(ckpts, tmp_path, capsys, args, says):
+    """mlx-lm's gemma2 has no window; llama.cpp's fixes the attention scale at head_dim^-0.5 below 27B."""
     code, err = run_cli(capsys, args[0], ckpts("gemma2", "qa-blora"), tmp_path / "out", *args[1:], "--quiet")
-    assert code == 2 and len(err.splitlines()) == 1 and "onnx, safetensors, peft" in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and says in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def gemma2_gguf(tiny_base, make_ckpt, tmp_path_factory):
+    """``method -> checkpoint`` on a tiny Gemma 2 whose query_pre_attn_scalar is its head_dim (as Gemma-2-2B/9B),
+    the attention scale llama.cpp's gemma2 graph computes."""
+    base = tmp_path_factory.mktemp("gemma2-gguf") / "base"
+    shutil.copytree(tiny_base("gemma2"), base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": 32}))
+    return {m: make_ckpt(base, m, li, lo, base_quant=quant) for m, (li, lo, quant) in METHODS.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["gguf-f32", "gguf-default", "gguf-py"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_gemma2_gguf_matches_training_in_llama_cpp(gemma2_gguf, tmp_path, method, fmt):
+    kind, options, verify_options = {**FORMATS, "gguf-py": ("gguf", {}, {})}[fmt]
+    api.export(gemma2_gguf[method], tmp_path / "m.gguf", kind, quiet=True, **options)
+    report = api.verify(gemma2_gguf[method], tmp_path / "m.gguf", quiet=True, **verify_options)
+    assert report.passed and report.logits.max_rel < report.adapter_effect / 4, report.to_json()
+    tensors = {t.name for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert {"blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"} <= tensors
+    assert "output.weight" not in tensors  # tied
+    assert field(tmp_path / "m.gguf", "gemma2.attention.sliding_window") == 8
+    assert field(tmp_path / "m.gguf", "gemma2.final_logit_softcapping") == 20.0
+
+
+def _gemma2_gguf_breaker(what: str):
+    def breaker(monkeypatch):
+        from blora_export import families
+
+        if what == "norm-offset":  # the writer stores w where llama.cpp wants 1 + w
+            monkeypatch.setitem(families.FAMILIES, "gemma2", replace(families.FAMILIES["gemma2"], norm_offset=0.0))
+            return
+        write = gguf_model.write_multipliers
+
+        def without(writer, config):  # a cap or window so large it does nothing
+            key = {"window": "sliding_window", "final-softcap": "final_logit_softcapping",
+                   "attn-softcap": "attn_logit_softcapping"}[what]
+            write(writer, {**config, key: 1e6 if "softcap" in what else 512})
+        monkeypatch.setattr(gguf_model, "write_multipliers", without)
+    return breaker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["norm-offset", "window", "final-softcap", "attn-softcap"])
+def test_gemma2_gguf_without_a_convention_fails_verify(gemma2_gguf, tmp_path, monkeypatch, what):
+    out = tmp_path / "m.gguf"
+    with monkeypatch.context() as patch:
+        _gemma2_gguf_breaker(what)(patch)
+        api.export(gemma2_gguf["qa-blora"], out, "gguf", gguf_type="f32", quiet=True)
+    report = api.verify(gemma2_gguf["qa-blora"], out, runtime="llama.cpp", quiet=True)
+    assert not report.passed and report.logits.max_rel > 10 * report.tolerance.max_rel, report.to_json()
 
 
 @pytest.mark.slow
