@@ -23,11 +23,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from families_support import FORMATS, METHODS, field, run_cli  # tests/converters, on sys.path by its conftest
 from gguf import GGUFReader
 from safetensors.torch import load_file, save_file
 
 from blora_export import api, stream
-from blora_export.cli import main
 from blora_export.errors import UnsupportedError
 from blora_export.families import FAMILIES, Scales, attention_window, family, rope_layers, scales
 from blora_export.spec import MinMaxGrid
@@ -36,43 +36,6 @@ from converters.gguf_runtime import open_llama
 
 GRANITE = {"embedding_multiplier": 12.0, "attention_multiplier": 0.015, "residual_multiplier": 0.22,
            "logits_scaling": 8.0}  # samples/tiny_models.py GRANITE_SCALES
-METHODS = {"qa-blora": (32, 4, MinMaxGrid(4, 1, 32)), "q-blora": (2, 2, None)}
-# (format, export options, verify options); Q-BLoRA has no exact low-bit fold: MLX re-quantizes (PTQ)
-FORMATS = {
-    "gguf-f32": ("gguf", {"gguf_type": "f32"}, {"runtime": "llama.cpp"}),
-    "gguf-default": ("gguf", {}, {"runtime": "llama.cpp"}),
-    "onnx-fp32": ("onnx", {}, {}),
-    "onnx-int4": ("onnx", {"precision": "int4"}, {}),
-    "mlx": ("mlx", {}, {}),
-    "safetensors": ("safetensors", {"dtype": "float32"}, {}),
-    "peft": ("peft", {}, {}),
-}
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        main([str(a) for a in args])
-    return exited.value.code, capsys.readouterr().err.strip()
-
-
-def field(path, key):
-    f = GGUFReader(str(path)).get_field(key)
-    return None if f is None else f.contents()
-
-
-@pytest.fixture(scope="module")
-def ckpts(tiny_base, make_ckpt):
-    cache = {}
-
-    def get(arch, method, **base_kwargs):
-        key = (arch, method, tuple(sorted(base_kwargs.items())))
-        if key not in cache:
-            li, lo, quant = METHODS[method]
-            cache[key] = make_ckpt(tiny_base(arch, **base_kwargs), method, li, lo, base_quant=quant)
-        return cache[key]
-
-    return get
 
 
 def test_unsupported_architecture_is_one_line_naming_the_supported(samples, tmp_path, capsys):
@@ -158,81 +121,6 @@ def test_every_format_matches_training_in_its_runtime(ckpts, tmp_path, arch, met
         return
     assert report.passed, report.to_json()
     assert report.logits.max_rel < report.adapter_effect / 4, report.to_json()  # it sees the adapter
-
-
-GEMMA2_FORMATS = ("onnx-fp32", "onnx-int4", "safetensors", "peft")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", GEMMA2_FORMATS)
-@pytest.mark.parametrize("method", list(METHODS))
-def test_gemma2_matches_training_in_the_formats_that_implement_it(ckpts, tmp_path, method, fmt):
-    test_every_format_matches_training_in_its_runtime(ckpts, tmp_path, "gemma2", method, fmt)
-
-
-@pytest.mark.parametrize("args,says", [
-    (("to-gguf", "--type", "f32"), "attention scale 0.353553 (llama.cpp computes 0.176777 for 2 layers)"),
-    (("to-safetensors", "--layout", "mlx"), "gguf, onnx, safetensors, peft"),
-    (("to-peft", "--layout", "mlx"), "gguf, onnx, safetensors, peft")], ids=["gguf", "mlx", "mlx-lora"])
-def test_gemma2_is_refused_where_its_runtime_would_run_another_model(ckpts, tmp_path, capsys, args, says):
-    """mlx-lm's gemma2 has no window; llama.cpp's fixes the attention scale at head_dim^-0.5 below 27B."""
-    code, err = run_cli(capsys, args[0], ckpts("gemma2", "qa-blora"), tmp_path / "out", *args[1:], "--quiet")
-    assert code == 2 and len(err.splitlines()) == 1 and says in err, err
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.fixture(scope="module")
-def gemma2_gguf(tiny_base, make_ckpt, tmp_path_factory):
-    """``method -> checkpoint`` on a tiny Gemma 2 whose query_pre_attn_scalar is its head_dim (as Gemma-2-2B/9B),
-    the attention scale llama.cpp's gemma2 graph computes."""
-    base = tmp_path_factory.mktemp("gemma2-gguf") / "base"
-    shutil.copytree(tiny_base("gemma2"), base)
-    config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": 32}))
-    return {m: make_ckpt(base, m, li, lo, base_quant=quant) for m, (li, lo, quant) in METHODS.items()}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["gguf-f32", "gguf-default", "gguf-py"])
-@pytest.mark.parametrize("method", list(METHODS))
-def test_gemma2_gguf_matches_training_in_llama_cpp(gemma2_gguf, tmp_path, method, fmt):
-    kind, options, verify_options = {**FORMATS, "gguf-py": ("gguf", {}, {})}[fmt]
-    api.export(gemma2_gguf[method], tmp_path / "m.gguf", kind, quiet=True, **options)
-    report = api.verify(gemma2_gguf[method], tmp_path / "m.gguf", quiet=True, **verify_options)
-    assert report.passed and report.logits.max_rel < report.adapter_effect / 4, report.to_json()
-    tensors = {t.name for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
-    assert {"blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"} <= tensors
-    assert "output.weight" not in tensors  # tied
-    assert field(tmp_path / "m.gguf", "gemma2.attention.sliding_window") == 8
-    assert field(tmp_path / "m.gguf", "gemma2.final_logit_softcapping") == 20.0
-
-
-def _gemma2_gguf_breaker(what: str):
-    def breaker(monkeypatch):
-        from blora_export import families
-
-        if what == "norm-offset":  # the writer stores w where llama.cpp wants 1 + w
-            monkeypatch.setitem(families.FAMILIES, "gemma2", replace(families.FAMILIES["gemma2"], norm_offset=0.0))
-            return
-        write = gguf_model.write_multipliers
-
-        def without(writer, config):  # a cap or window so large it does nothing
-            key = {"window": "sliding_window", "final-softcap": "final_logit_softcapping",
-                   "attn-softcap": "attn_logit_softcapping"}[what]
-            write(writer, {**config, key: 1e6 if "softcap" in what else 512})
-        monkeypatch.setattr(gguf_model, "write_multipliers", without)
-    return breaker
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("what", ["norm-offset", "window", "final-softcap", "attn-softcap"])
-def test_gemma2_gguf_without_a_convention_fails_verify(gemma2_gguf, tmp_path, monkeypatch, what):
-    out = tmp_path / "m.gguf"
-    with monkeypatch.context() as patch:
-        _gemma2_gguf_breaker(what)(patch)
-        api.export(gemma2_gguf["qa-blora"], out, "gguf", gguf_type="f32", quiet=True)
-    report = api.verify(gemma2_gguf["qa-blora"], out, runtime="llama.cpp", quiet=True)
-    assert not report.passed and report.logits.max_rel > 10 * report.tolerance.max_rel, report.to_json()
 
 
 @pytest.mark.slow
@@ -340,29 +228,6 @@ def _rope_everywhere_mlx(monkeypatch):
     monkeypatch.setattr(to_mlx, "mlx_config_extra", lambda job, mplan: {**extra(job, mplan), "no_rope_layers": [1] * 4})
 
 
-def _onnx_spec(**change):
-    """The ONNX decoder spec with one convention changed (``scales``: a dict of Scales fields)."""
-    def breaker(monkeypatch):
-        original = onnx_graph.DecoderSpec.from_config.__func__
-
-        def changed(cls, config, path=None):
-            spec = original(cls, config, path)
-            fields = dict(change)
-            if "scales" in fields:
-                fields["scales"] = replace(spec.scales, **fields["scales"])
-            if fields.get("windows") == "global":
-                fields["windows"] = (None,) * spec.num_layers
-            return replace(spec, **fields)
-        monkeypatch.setattr(onnx_graph.DecoderSpec, "from_config", classmethod(changed))
-    return breaker
-
-
-GEMMA2_BREAKERS = {"no-norm-offset": dict(norm_offset=0.0), "no-sandwich-norms": dict(sandwich_norms=False),
-                   "silu": dict(activation="silu"), "no-window": dict(windows="global"),
-                   "no-embedding-scale": dict(scales={"embedding": 1.0}),
-                   "head_dim-attention-scale": dict(scales={"attention": 32**-0.5}),
-                   "no-attn-softcap": dict(scales={"attn_softcap": None}),
-                   "no-final-softcap": dict(scales={"final_softcap": None})}
 GRANITE_BREAKERS = ([("granite", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _drop_scale(gguf_model, f))
                      for f in MULTIPLIERS] + [("granite", "onnx", {}, _drop_scale(onnx_graph, f)) for f in MULTIPLIERS]
                     + [("granite", "mlx", {}, _drop_mlx_key(k)) for k in ("embedding_multiplier", "logits_scaling")])
@@ -379,12 +244,10 @@ GRANITE_BREAKERS = ([("granite", "gguf", {"gguf_type": "f32", "runtime": "llama.
     ("smollm3", "gguf", {"gguf_type": "f32", "runtime": "llama.cpp"}, _rope_everywhere_gguf),
     ("smollm3", "onnx", {}, _rope_everywhere_onnx),
     ("smollm3", "mlx", {}, _rope_everywhere_mlx),
-    *[("gemma2", "onnx", {}, _onnx_spec(**change)) for change in GEMMA2_BREAKERS.values()],
 ], ids=["gguf-no-rope_freqs", "onnx-no-llama3-rope", "mlx-no-rope_scaling", "gguf-qk-norm-dropped", "onnx-qk-norm-dropped",
         *[f"gguf-granite-no-{f}" for f in MULTIPLIERS], *[f"onnx-granite-no-{f}" for f in MULTIPLIERS],
         "mlx-granite-no-embedding_multiplier", "mlx-granite-no-logits_scaling",
-        "gguf-smollm3-rope-everywhere", "onnx-smollm3-rope-everywhere", "mlx-smollm3-rope-everywhere",
-        *[f"onnx-gemma2-{name}" for name in GEMMA2_BREAKERS]])
+        "gguf-smollm3-rope-everywhere", "onnx-smollm3-rope-everywhere", "mlx-smollm3-rope-everywhere"])
 def test_a_broken_convention_fails_verify(ckpts, tmp_path, monkeypatch, arch, kind, options, breaker):
     ckpt = ckpts(arch, "qa-blora")
     options = dict(options)
