@@ -17,6 +17,7 @@ import torch
 from blora_export import api
 from blora_export.errors import UnsupportedError
 from blora_export.numerics import logit_stats
+from blora_export.quant import quantize_minmax, to_row_blocks
 from blora_export.reference import (
     DEFAULT_PROMPTS,
     adapter_branches,
@@ -25,7 +26,6 @@ from blora_export.reference import (
     reference_logits,
     tokenize_prompts,
 )
-from blora_export.quant import quantize_minmax, to_row_blocks
 from blora_export.spec import MinMaxGrid
 from converters import onnx_weights, to_onnx
 from converters.onnx_graph import IR_VERSION, OPSET, Graph, QuantLinear, linear
