@@ -417,11 +417,11 @@ def greedy_reference(job, prompt, steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_onnxruntime_genai_greedy_generation(samples, export, precision):
+@pytest.mark.parametrize("precision", ["fp32", "int4", "int8"])
+def test_onnxruntime_genai_greedy_generation(samples, qa8, export, precision):
     import onnxruntime_genai as og  # a declared test dependency (.ci/run installs onnxruntime-genai)
 
-    job, out = export(samples / "qa-blora-q4_1", precision=precision)
+    job, out = export(qa8 if precision == "int8" else samples / "qa-blora-q4_1", precision=precision)
     prompt = tokenize_prompts(job.base, DEFAULT_PROMPTS[2:3])[0]
     steps = 16
     model = og.Model(str(out))
