@@ -74,11 +74,10 @@ def transformers_logits(path: Path, windows) -> list[np.ndarray]:
 
 
 def llama_cpp_logits(path: Path, windows) -> list[np.ndarray]:
-    from llama_cpp import Llama
+    from converters.gguf_runtime import open_llama
 
     seq = max(len(w) for w in windows)
-    llm = Llama(model_path=str(path), n_ctx=seq + 8, n_batch=seq, logits_all=True, verbose=False,
-                n_threads=os.cpu_count())
+    llm = open_llama(path, n_ctx=seq + 8, n_batch=seq, logits_all=True, n_threads=os.cpu_count())
     out = []
     for w in windows:
         llm.reset()

@@ -103,20 +103,22 @@ def exact_merged_weight(name: str, weight: torch.Tensor, ckpt: Checkpoint, plan:
     return merged
 
 
-def merged_weight(name: str, weight: torch.Tensor, ckpt: Checkpoint, plan: MergePlan, dtype: torch.dtype) -> torch.Tensor:
+def merged_weight(name: str, weight: torch.Tensor, ckpt: Checkpoint, plan: MergePlan, dtype: torch.dtype,
+                  trained: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``round_to(exact_merged_weight(...), dtype)`` without the whole float64 tensors.
 
     The same float64 values are formed, a few rows at a time: ``trained_base(W)`` (float32,
     exact in float64) plus ``ΔW[o, i] = (M·s/λi)[o//λo, i//λi]`` broadcast over each λi run
     instead of materialized (the same float64 operands, hence the same sums), then correctly
     rounded to ``dtype``. A fold-aware checkpoint's weights are float32 values ``α·q + β'``:
-    rounding them to ``dtype`` once is exact rounding already.
+    rounding them to ``dtype`` once is exact rounding already. ``trained``: ``trained_base(W)``
+    when the caller has it already (verify shares it between its streams).
     """
     module = ckpt.module_for_weight(name)
     if module is not None and ckpt.folded_forward and plan.merge_into == "dequantized":
         qw = quantize_minmax(weight, plan.base_quant, name)
         return fold_into_zero_points(qw, module).dequantize(dtype)
-    base = trained_base_weight(name, weight, plan)
+    base = trained_base_weight(name, weight, plan) if trained is None else trained
     if module is None:
         return base.to(dtype)
     m = adapter_matrix(module, torch.float64) * (module.scaling / module.lambda_in)

@@ -173,7 +173,7 @@ def trained_stream(ckpt: Checkpoint, plan: MergePlan) -> Stream:
     def weights(name: str, cache: PartCache) -> torch.Tensor:
         if ckpt.module_for_weight(name) is None:
             return base(name, cache)
-        return cache.memo(("exact", name), lambda: exact_merged_weight(name, cache.tensor(name), ckpt, plan)).float()
+        return cache.memo(("exact", name), lambda: exact_merged_weight(name, cache.tensor(name), ckpt, plan).float())
     return Stream("trained", weights)
 
 

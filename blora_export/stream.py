@@ -40,10 +40,16 @@ class PartCache:
             name = EMBED
         return self.memo(("base", name), lambda: self.base.tensor(name))
 
-    def memo(self, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def memo(self, key, compute: Optional[Callable[[], torch.Tensor]]) -> torch.Tensor:
         if key not in self._values:
             self._values[key] = compute()
         return self._values[key]
+
+    def has(self, key) -> bool:
+        return key in self._values
+
+    def put(self, key, value: torch.Tensor) -> None:
+        self._values[key] = value
 
     def clear(self) -> None:
         """Forget this part's tensors, and close the base's files: their memory-mapped pages would

@@ -66,13 +66,14 @@ def tolerance_for_dtype(dtype: torch.dtype) -> Tolerance:
 
 
 def widen_to_floor(tolerance: Tolerance, floor_rel: float, dtype: torch.dtype) -> Tolerance:
-    """``max(bound, FLOOR_FACTOR x floor)``: the floor is what rounding the base alone to
-    ``dtype`` does to the logits on the same prompts (deeper models have a higher floor)."""
+    """``max(bound, FLOOR_FACTOR x floor)``: the floor is what correct rounding to ``dtype`` does to
+    the logits on the same prompts, of the base alone and of the training-time model, both rounded
+    by verify itself (deeper models have a higher floor)."""
     widened = FLOOR_FACTOR * floor_rel
     if widened <= tolerance.max_rel:
         return tolerance
     return Tolerance(max_rel=widened, min_top1=tolerance.min_top1,
-                     basis=f"{FLOOR_FACTOR:g} x the measured {str(dtype)[6:]} rounding floor of the base "
+                     basis=f"{FLOOR_FACTOR:g} x the measured {str(dtype)[6:]} rounding floor (base and trained model, rounded by verify) "
                            f"({floor_rel:.2e}), above the table bound {tolerance.max_rel:.2e}")
 
 

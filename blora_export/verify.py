@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from .delta import AdapterModule, adapter_forward, delta_weight
 from .job import Artifact, ExportJob, LayerCheck
-from .merge import DTYPES, exact_merged_weight, trained_base_weight
+from .merge import DTYPES, exact_merged_weight, merged_weight
 from .numerics import HALF_ULP_LIMIT, LogitStats, half_ulp_ratio, logit_stats, round_to
 from .reference import DEFAULT_PROMPTS, rounded_stream, tokenize_prompts, trained_base_fn, trained_stream
 from .stream import PartCache, Stream, StreamedForward
+from .tensor_io import one_thread
 from .tolerance import SENSITIVITY_FACTOR, Tolerance, tolerance_for_dtype, widen_to_floor
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class VerifyReport:
     layers: list[LayerCheck]
     logits: LogitStats
     adapter_effect: float  # max_rel of the training-time model vs the same base without adapter
-    rounding_floor: Optional[float] = None  # max_rel that rounding the base alone to the weight dtype causes
+    rounding_floor: Optional[float] = None  # max_rel that correct rounding to the weight dtype causes (base, trained model)
     notes: list[str] = field(default_factory=list)
     weights_check: Optional["WeightsCheck"] = None  # a runtime artifact's own weights, in the true architecture
 
@@ -107,38 +108,86 @@ def branch_check(module: AdapterModule, seed: int = 0) -> LayerCheck:
     return LayerCheck(module.name, "branch vs ΔW (float64, rel)", rel, BRANCH_REL_BOUND)
 
 
-def exact_from_branch(module: AdapterModule, base_weight: torch.Tensor) -> torch.Tensor:
-    """``trained_base(W) + ΔW`` with ``ΔW`` read off the branch itself: ``ΔW.T = branch(I)``."""
-    eye = torch.eye(module.in_features, dtype=torch.float64)
-    return base_weight.to(torch.float64) + adapter_forward(eye, module).T
+#: Columns of a weight checked per pass: the float64 working set of one chunk stays small.
+CHECK_CHUNK_ELEMENTS = 1 << 20
 
 
-def exact_trained_weight(job: ExportJob, module: AdapterModule, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The adapted weight the training-time model computes with, float64.
+def exact_trained_columns(job: ExportJob, module: AdapterModule, cache: PartCache) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(c0, c1, W_exact[:, c0:c1])``: the adapted weight the training-time model computes with,
+    float64, a few input columns at a time (never the whole float64 tensor).
 
-    Branch training: ``ΔW`` read off the branch itself (independent of ``delta_weight``).
-    Fold-aware training: ``α·q + param_dtype(β')``, the weights its forward used.
+    Branch training: ``trained_base(W) + ΔW`` with ``ΔW`` read off the branch itself,
+    ``ΔW[:, c0:c1].T = branch(I[c0:c1])`` (independent of ``delta_weight``). Fold-aware
+    training: ``α·q + param_dtype(β')``, the float32 weights its forward used.
     """
-    weight = job.base.tensor(module.weight_name) if weight is None else weight
+    name = module.weight_name
     if job.plan.folded:
-        return exact_merged_weight(module.weight_name, weight, job.ckpt, job.plan)
-    return exact_from_branch(module, trained_base_weight(module.weight_name, weight, job.plan))
+        weights = cache.memo(("exact", name), lambda: exact_merged_weight(name, cache.tensor(name), job.ckpt, job.plan).float())
+    else:
+        weights = trained_base_fn(job.plan)(name, cache)
+    rows, cols = weights.shape
+    step = max(1, CHECK_CHUNK_ELEMENTS // rows)
+    for c0 in range(0, cols, step):
+        c1 = min(c0 + step, cols)
+        exact = weights[:, c0:c1].to(torch.float64)
+        if not job.plan.folded:
+            eye = torch.zeros(c1 - c0, cols, dtype=torch.float64)
+            eye[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1.0
+            exact += adapter_forward(eye, module).T
+        yield c0, c1, exact
+
+
+def reference_rounding(job: ExportJob, module: AdapterModule, cache: PartCache, dtype: torch.dtype,
+                       candidate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
+    """verify's own correct rounding of the exact trained weight to ``dtype`` (memoized per part),
+    and the half-ulp ratio of ``candidate`` against the exact weight (0 without one).
+
+    One pass over the exact weight's columns computes both; with no candidate, a rounding made
+    earlier in the part is reused.
+    """
+    key = ("reference rounding", module.weight_name, dtype)
+    if candidate is None and cache.has(key):
+        return cache.memo(key, None), 0.0
+    ratio = 0.0
+    rounded = torch.empty((module.out_features, module.in_features), dtype=dtype)
+    with one_thread():
+        for c0, c1, exact in exact_trained_columns(job, module, cache):
+            rounded[:, c0:c1] = round_to(exact, dtype)
+            if candidate is not None:
+                ratio = max(ratio, half_ulp_ratio(candidate[:, c0:c1], exact))
+    cache.put(key, rounded)
+    return rounded, ratio
 
 
 def merge_stream(job: ExportJob, dtype: torch.dtype, checks: list[LayerCheck]) -> Stream:
-    """The in-memory merge (weights rounded to ``dtype``), each adapted weight checked as it is made."""
+    """The in-memory merge (weights rounded to ``dtype`` by the writers' own :func:`merged_weight`),
+    each adapted weight checked against the exact trained weight as it is made."""
     base = trained_base_fn(job.plan)
 
     def weights(name: str, cache: PartCache) -> torch.Tensor:
         module = job.ckpt.module_for_weight(name)
         if module is None:
             return base(name, cache).to(dtype).to(torch.float32)
-        merged = round_to(exact_merged_weight(name, cache.tensor(name), job.ckpt, job.plan), dtype)
-        exact = exact_trained_weight(job, module, cache.tensor(name))
-        checks.append(LayerCheck(name, f"|w - exact| / ulp({str(dtype)[6:]})", half_ulp_ratio(merged, exact),
-                                 HALF_ULP_LIMIT))
+        trained = None if job.plan.folded else base(name, cache)
+        with one_thread():
+            merged = merged_weight(name, cache.tensor(name), job.ckpt, job.plan, dtype, trained=trained)
+        _, ratio = reference_rounding(job, module, cache, dtype, candidate=merged)
+        checks.append(LayerCheck(name, f"|w - exact| / ulp({str(dtype)[6:]})", ratio, HALF_ULP_LIMIT))
         return merged.to(torch.float32)
     return Stream("candidate", weights)
+
+
+def reference_rounding_stream(job: ExportJob, dtype: torch.dtype) -> Stream:
+    """The training-time model with every weight correctly rounded to ``dtype`` by verify itself:
+    what storing *this* model in ``dtype`` costs, computed without the writer under test."""
+    base = trained_base_fn(job.plan)
+
+    def weights(name: str, cache: PartCache) -> torch.Tensor:
+        module = job.ckpt.module_for_weight(name)
+        if module is None:
+            return base(name, cache).to(dtype).to(torch.float32)
+        return reference_rounding(job, module, cache, dtype)[0].to(torch.float32)
+    return Stream("rounded trained", weights)
 
 
 def _streams(job: ExportJob, artifact: Optional[Artifact], weight_dtype, checks: list[LayerCheck]) -> list[Stream]:
@@ -147,17 +196,23 @@ def _streams(job: ExportJob, artifact: Optional[Artifact], weight_dtype, checks:
         streams.append(rounded_stream(job.plan, weight_dtype))
     if artifact is None:
         streams.append(merge_stream(job, weight_dtype, checks))
-        return streams
-    streams.extend(artifact.streams)
-    if artifact.weights is not None:
-        streams.append(Stream("candidate" if artifact.logits is None else "artifact weights", artifact.weights))
+    else:
+        streams.extend(artifact.streams)
+        if artifact.weights is not None:
+            streams.append(Stream("candidate" if artifact.logits is None else "artifact weights", artifact.weights))
+    if weight_dtype is not None and weight_dtype != torch.float32:
+        streams.append(reference_rounding_stream(job, weight_dtype))  # after the candidate: shares its rounding
     return streams
 
 
 def _dtype_tolerance(tolerance: Tolerance, out: dict, weight_dtype) -> tuple[Tolerance, Optional[float]]:
+    """Widen to the dtype's rounding floor: the larger of what correct rounding to ``weight_dtype``
+    does to the base without the adapter and to the training-time model itself, both rounded by
+    verify (a deep model amplifies the rounding of larger merged weights a little more)."""
     if "rounded base" not in out:
         return tolerance, None
-    floor = logit_stats(out["without"], out["rounded base"]).max_rel
+    floor = max(logit_stats(out["without"], out["rounded base"]).max_rel,
+                logit_stats(out["trained"], out["rounded trained"]).max_rel)
     return widen_to_floor(tolerance, floor, weight_dtype), floor
 
 
@@ -217,7 +272,7 @@ def format_report(report: VerifyReport, max_layers: int = 12) -> str:
               f"  KL(ref || cand)   {s.kl_mean:.3e} nats, {s.positions} positions",
               f"  adapter effect    {report.adapter_effect:.3e} (relative change of logits the adapter makes)"]
     if report.rounding_floor is not None:
-        lines.append(f"  rounding floor    {report.rounding_floor:.3e} (the same rounding applied to the base alone)")
+        lines.append(f"  rounding floor    {report.rounding_floor:.3e} (verify's own correct rounding of the base alone and of the trained model)")
     w = report.weights_check
     if w is not None:
         lines += [f"  file's weights    {w.logits.max_rel:.3e} relative, top-1 {w.logits.top1_agreement:.4f} "

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -120,12 +121,43 @@ def require_llama_cpp():
     return llama_cpp
 
 
+@contextmanager
+def _without_extra_buffers(llama_cpp) -> Iterator[None]:
+    """``llama_model_params.use_extra_bufts = False`` for the models loaded inside.
+
+    llama-cpp-python's ``Llama`` does not expose the field, so its default-params factory is
+    wrapped while the model loads. Why: a llama.cpp built natively on an AMX CPU (Sapphire
+    Rapids and later) moves Q4_0 / Q4_1 / Q8_0 weights into AMX buffers, and on virtual machines
+    that list AMX without granting it (as this project's 2-core runners) the first ``decode``
+    segfaults (measured: llama-cpp-python 0.3.36, q4_0, q4_1 and q8_0 crash, f16 and f32 run).
+    Without extra buffers the same weights run in ggml's plain CPU kernels: the same block
+    formats and the same Q8 activation blocks that verify's bound emulates.
+    """
+    module = llama_cpp.llama.llama_cpp
+    factory = module.llama_model_default_params
+
+    def params():
+        value = factory()
+        value.use_extra_bufts = False
+        return value
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = factory
+
+
+def open_llama(model: Path, **options):
+    """``llama_cpp.Llama`` on ``model`` without llama.cpp's extra weight buffers (see above)."""
+    llama_cpp = require_llama_cpp()
+    with _without_extra_buffers(llama_cpp):
+        return llama_cpp.Llama(model_path=str(model), verbose=False, **options)
+
+
 def llama_cpp_logits(model: Path, prompts: Sequence[Sequence[int]], lora: Optional[Path] = None) -> list[torch.Tensor]:
     """llama.cpp's float32 logits ``[len(prompt), vocab]`` per prompt (KV cache reset in between)."""
-    llama_cpp = require_llama_cpp()
     n_ctx = max(64, max(len(p) for p in prompts) + 8)
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, logits_all=True, verbose=False,
-                          lora_path=None if lora is None else str(lora))
+    llm = open_llama(model, n_ctx=n_ctx, logits_all=True, lora_path=None if lora is None else str(lora))
     try:
         out = []
         for ids in prompts:

@@ -3,15 +3,20 @@ import numpy as np
 import pytest
 import torch
 
-from blora_export.numerics import half_ulp_ratio, logit_stats, round_to
+from blora_export.numerics import corrected_double_rounding, half_ulp_ratio, logit_stats, round_to
 
 
-def test_round_to_float16_matches_numpys_direct_conversion():
-    # numpy converts float64 -> float16 in one step (correctly rounded); torch goes through float32
+def test_round_to_float16_two_algorithms_agree_bit_for_bit():
+    # round_to takes numpy's direct float64 -> float16 conversion; the float32 path with its
+    # double-rounding correction (what bfloat16 uses) must give the same bits, midpoints included
     x = torch.randn(2_000_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    x = torch.cat([x, x * 1e-5, x * 3e4])
-    expected = torch.from_numpy(x.numpy().astype(np.float16))
-    assert torch.equal(round_to(x, torch.float16), expected)
+    h = x[:200_000].to(torch.float16)
+    up = torch.nextafter(h, torch.full_like(h, float("inf")))
+    mid = (h.double() + up.double()) / 2
+    x = torch.cat([x, x * 1e-5, x * 3e4, x * 1e-7, mid, mid + 1e-13, mid - 1e-13])
+    with np.errstate(over="ignore"):
+        expected = corrected_double_rounding(x, torch.float16)
+    assert torch.equal(round_to(x, torch.float16).view(torch.int16), expected.view(torch.int16))
     assert not torch.equal(x.to(torch.float16), expected)  # torch's own cast double-rounds
 
 

@@ -23,6 +23,7 @@ from blora_export.errors import UnsupportedError
 from blora_export.families import FAMILIES, attention_window, family
 from blora_export.spec import MinMaxGrid
 from converters import gguf_kquant, gguf_model, onnx_graph
+from converters.gguf_runtime import open_llama
 
 METHODS = {"qa-blora": (32, 4, MinMaxGrid(4, 1, 32)), "q-blora": (2, 2, None)}
 # (format, export options, verify options); Q-BLoRA has no exact low-bit fold: MLX re-quantizes (PTQ)
@@ -357,11 +358,11 @@ def test_greedy_generation_stops_at_eos_in_llama_cpp_and_genai(tiny_base, make_c
 
     gguf = tmp_path / "m.gguf"
     api.export(ckpt, gguf, "gguf", gguf_type="f32", quiet=True)
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, verbose=False)
+    llm = open_llama(gguf, n_ctx=64)
     completion = llm.create_completion(prompt, max_tokens=steps, temperature=0.0, top_k=1)
     assert completion["choices"][0]["finish_reason"] == "stop"  # llama-cpp-python's loop stopped at an EOG id
     llm.close()
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, logits_all=True, verbose=False)
+    llm = open_llama(gguf, n_ctx=64, logits_all=True)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     llm.eval(prompt)
     tokens = []
