@@ -272,7 +272,8 @@ def format_report(report: VerifyReport, max_layers: int = 12) -> str:
               f"  KL(ref || cand)   {s.kl_mean:.3e} nats, {s.positions} positions",
               f"  adapter effect    {report.adapter_effect:.3e} (relative change of logits the adapter makes)"]
     if report.rounding_floor is not None:
-        lines.append(f"  rounding floor    {report.rounding_floor:.3e} (verify's own correct rounding of the base alone and of the trained model)")
+        lines.append(f"  rounding floor    {report.rounding_floor:.3e} "
+                     "(verify's own correct rounding of the base alone and of the trained model)")
     w = report.weights_check
     if w is not None:
         lines += [f"  file's weights    {w.logits.max_rel:.3e} relative, top-1 {w.logits.top1_agreement:.4f} "
