@@ -63,7 +63,7 @@ class Size:
 
 SIZES = {
     # hidden 512, 6 layers, GQA 8/4, ffn 1536 (a multiple of 256 so Q4_K_M applies everywhere): 23.1M parameters
-    "small": Size(512, 6, 1536, 8, 4, 4096, 256, 8, 300, 120, 40, 16, 6_000_000),
+    "small": Size(512, 6, 1536, 8, 4, 4096, 256, 8, 300, 120, 32, 16, 6_000_000),
     "smoke": Size(64, 2, 256, 4, 2, 640, 64, 4, 4, 3, 3, 4, 200_000),
 }
 
