@@ -8,12 +8,14 @@
 2. Base: a LLaMA-shaped model (``small``: 23M parameters, its own SentencePiece tokenizer)
    pretrained on the dictionary.
 3. Fine-tuning with ``blora-export train`` at one step budget: QA-BLoRA on the gguf-q4_1 grid,
-   Q-BLoRA on NF4, and the QLoRA baseline (Q-BLoRA with λ = 1, i.e. plain LoRA on NF4).
+   QA-BLoRA on the 8-bit mlx-8-32 grid (``qa-blora-8bit``), Q-BLoRA on NF4, and the QLoRA baseline
+   (Q-BLoRA with λ = 1, i.e. plain LoRA on NF4).
 4. Every model in every place (``bench/fidelity_eval.py``): the training-time function (the
    merged float32 model in transformers), merged fp16, the fold exports (GGUF Q4_1 in llama.cpp,
-   ONNX int4 in onnxruntime, MLX 4-bit in mlx-lm), and the PTQ pipelines a user would otherwise
-   run on the merged model (llama.cpp's quantizer: Q4_0, Q4_1, Q4_K_M; mlx-lm's ``convert -q``;
-   onnxruntime's RTN int4 quantizer). Perplexity and next-token top-1 on the held-out split.
+   ONNX int4 in onnxruntime, MLX 4-bit in mlx-lm; for the 8-bit model ONNX int8 and MLX 8-bit),
+   and the PTQ pipelines a user would otherwise run on the merged model (llama.cpp's quantizer:
+   Q4_0, Q4_1, Q4_K_M, and Q8_0 for the 8-bit model; mlx-lm's ``convert -q``; onnxruntime's RTN
+   int4 quantizer). Perplexity and next-token top-1 on the held-out split.
 
 Output: a table, ``--json`` (one object per cell, plus ``{"model": "run", ...}``) and a PNG plot.
 """
@@ -61,7 +63,7 @@ class Size:
 
 SIZES = {
     # hidden 512, 6 layers, GQA 8/4, ffn 1536 (a multiple of 256 so Q4_K_M applies everywhere): 23.1M parameters
-    "small": Size(512, 6, 1536, 8, 4, 4096, 256, 8, 300, 120, 40, 16, 6_000_000),
+    "small": Size(512, 6, 1536, 8, 4, 4096, 256, 8, 300, 120, 32, 16, 6_000_000),
     "smoke": Size(64, 2, 256, 4, 2, 640, 64, 4, 4, 3, 3, 4, 200_000),
 }
 
@@ -132,6 +134,8 @@ def pretrain_base(corpus, out: Path, size: Size, seed: int = 0) -> dict:
 #: The fine-tuning runs: name -> TrainConfig options (same step budget, rank and data).
 RUNS = {
     "qa-blora": dict(method="qa-blora", target="gguf-q4_1", lr=5e-3),
+    # 8-bit min-max grid, fold-aware with fp16 β': exact in MLX 8-bit (fp16 biases) and ONNX int8 (float32 offsets)
+    "qa-blora-8bit": dict(method="qa-blora", target="mlx-8-32", lr=5e-3),
     "q-blora": dict(method="q-blora", lr=2e-3),
     "qlora": dict(method="q-blora", lambda_=1, lr=2e-3),
 }

@@ -22,7 +22,8 @@ from blora_export import api
 
 log = logging.getLogger("fidelity")
 LLAMA_PTQ_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
-                   "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+                   "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+PTQ_TYPES = {4: ("q4_0", "q4_1", "q4_k_m"), 8: ("q8_0",)}  # llama.cpp's quantizer, per width of the comparison
 
 
 @dataclass(frozen=True)
@@ -141,35 +142,58 @@ def ort_rtn(fp32_dir: Path, out: Path) -> None:
     onnx_decode.ort_rtn(fp32_dir, out, accuracy_level=0)
 
 
-def model_artifacts(name: str, ckpt: Path, base: Path, art: Path, method: str) -> list[Artifact]:
-    """Every artifact of one fine-tuned checkpoint (exports with this tool, then the PTQ baselines)."""
+def grid_bits(info: dict) -> Optional[int]:
+    """Code width of a QA-BLoRA checkpoint's min-max grid (``api.inspect``), None for anything else."""
+    quant = info.get("base_quant") or {}
+    return quant.get("bits") if info["method"] == "qa-blora" and quant.get("scheme") == "minmax" else None
+
+
+def model_artifacts(name: str, ckpt: Path, base: Path, art: Path, info: dict) -> list[Artifact]:
+    """Every artifact of one fine-tuned checkpoint (exports with this tool, then the PTQ baselines).
+
+    A QA-BLoRA on an 8-bit grid gets its two exact 8-bit folds (ONNX int8, MLX 8-bit) and llama.cpp's
+    Q8_0 of the merge; every other checkpoint the 4-bit rows (a 4-bit grid's three folds, then the
+    4-bit PTQ pipelines)."""
     d = art / name
     d.mkdir(parents=True, exist_ok=True)
 
     def export(out: str, fmt: str, **kw) -> float:
         return _timed(lambda: api.export(ckpt, d / out, fmt, base=base, quiet=True, overwrite=True, **kw))
 
-    arts = [Artifact(name, "torch", "reference", "transformers", d / "f32", export("f32", "safetensors", dtype="float32")),
-            Artifact(name, "safetensors-fp16", "float", "transformers", d / "f16", export("f16", "safetensors"))]
-    if method == "qa-blora":
+    bits = grid_bits(info)
+    arts = [Artifact(name, "torch", "reference", "transformers", d / "f32", export("f32", "safetensors", dtype="float32"))]
+    if bits == 8:
+        arts += [Artifact(name, "onnx-int8-fold", "fold", "onnxruntime", d / "onnx-int8",
+                          export("onnx-int8", "onnx", precision="int8")),
+                 Artifact(name, "mlx-8bit-fold", "fold", "mlx-lm", d / "mlx8", export("mlx8", "mlx", bits=8))]
+        return arts + gguf_ptq(name, d, export, PTQ_TYPES[8])
+    arts.append(Artifact(name, "safetensors-fp16", "float", "transformers", d / "f16", export("f16", "safetensors")))
+    if bits == 4:
         arts += [Artifact(name, "gguf-q4_1-fold", "fold", "llama.cpp", d / "fold.gguf", export("fold.gguf", "gguf")),
                  Artifact(name, "onnx-int4-fold", "fold", "onnxruntime", d / "onnx-int4",
                           export("onnx-int4", "onnx", precision="int4")),
                  Artifact(name, "mlx-4-32-fold", "fold", "mlx-lm", d / "mlx", export("mlx", "mlx"))]
+    arts += gguf_ptq(name, d, export, PTQ_TYPES[4])
     # The PTQ pipelines start where a user's would: the adapter merged into the original 16-bit
     # weights (merge_and_unload on the unquantized base), then the runtime's own quantizer.
     orig = {"merge_into": "original"}
-    secs = export("orig-f32.gguf", "gguf", gguf_type="f32", **orig)
-    for t in LLAMA_PTQ_TYPES:
-        out = d / f"{t}-ptq.gguf"
-        arts.append(Artifact(name, f"gguf-{t}-ptq", "ptq", "llama.cpp", out,
-                             secs + _timed(lambda t=t, out=out: llama_quantize(d / "orig-f32.gguf", out, t))))
     secs = export("orig-f16", "safetensors", **orig)
     arts.append(Artifact(name, "mlx-4-64-ptq", "ptq", "mlx-lm", d / "mlx-ptq",
                          secs + _timed(lambda: _fresh(d / "mlx-ptq") or mlx_convert_q(d / "orig-f16", d / "mlx-ptq"))))
     secs = export("orig-onnx-f32", "onnx", **orig)
     arts.append(Artifact(name, "onnx-int4-rtn-ptq", "ptq", "onnxruntime", d / "onnx-rtn",
                          secs + _timed(lambda: _fresh(d / "onnx-rtn") or ort_rtn(d / "orig-onnx-f32", d / "onnx-rtn"))))
+    return arts
+
+
+def gguf_ptq(name: str, d: Path, export, types) -> list[Artifact]:
+    """llama.cpp's quantizer to each of ``types`` on the adapter merged into the original weights (f32 GGUF)."""
+    secs = export("orig-f32.gguf", "gguf", gguf_type="f32", merge_into="original")
+    arts = []
+    for t in types:
+        out = d / f"{t}-ptq.gguf"
+        arts.append(Artifact(name, f"gguf-{t}-ptq", "ptq", "llama.cpp", out,
+                             secs + _timed(lambda t=t, out=out: llama_quantize(d / "orig-f32.gguf", out, t))))
     return arts
 
 
@@ -193,15 +217,14 @@ def evaluate(a: Artifact, windows) -> dict:
     cell = {"model": a.model, "artifact": a.artifact, "kind": a.kind, "runtime": a.runtime, "ppl": ppl,
             "top1": top1, "bytes": nbytes(a.path), "seconds": round(a.seconds, 2),
             "eval_seconds": round(time.perf_counter() - start, 2)}
-    log.info("%-9s %-20s %-12s ppl %.3f top1 %.4f", a.model, a.artifact, a.runtime, ppl, top1)
+    log.info("%-13s %-20s %-12s ppl %.3f top1 %.4f", a.model, a.artifact, a.runtime, ppl, top1)
     return cell
 
 
 def evaluate_all(base: Path, ckpts: dict[str, Path], windows, art: Path) -> list[dict]:
     cells = [evaluate(Artifact("base", "torch", "reference", "transformers", base, 0.0), windows)]
     for name, ckpt in ckpts.items():
-        method = api.inspect(ckpt, base)["method"]
-        for a in model_artifacts(name, ckpt, base, art, method):
+        for a in model_artifacts(name, ckpt, base, art, api.inspect(ckpt, base)):
             cells.append(evaluate(a, windows))
     return cells
 
@@ -214,12 +237,12 @@ def _reference(cells: list[dict], model: str) -> Optional[float]:
 
 def format_table(cells: list[dict]) -> str:
     rows = [c for c in cells if c["model"] != "run"]
-    lines = [f"{'model':<9} {'artifact':<20} {'kind':<9} {'runtime':<12} {'ppl':>9} {'Δppl vs torch':>13} "
+    lines = [f"{'model':<13} {'artifact':<20} {'kind':<9} {'runtime':<12} {'ppl':>9} {'Δppl vs torch':>13} "
              f"{'top-1':>7} {'MB':>8}"]
     for c in rows:
         ref = _reference(cells, c["model"])
         delta = f"{100 * (c['ppl'] / ref - 1):+.2f}%" if ref else "-"
-        lines.append(f"{c['model']:<9} {c['artifact']:<20} {c['kind']:<9} {c['runtime']:<12} {c['ppl']:>9.3f} "
+        lines.append(f"{c['model']:<13} {c['artifact']:<20} {c['kind']:<9} {c['runtime']:<12} {c['ppl']:>9.3f} "
                      f"{delta:>13} {c['top1']:>7.4f} {c['bytes'] / 1e6:>8.2f}")
     run = next((c for c in cells if c["model"] == "run"), None)
     if run:
@@ -245,7 +268,7 @@ def plot(cells: list[dict], out: Path) -> None:
     ax.set_xlabel("held-out perplexity vs the training-time model (%, lower is better)")
     ax.legend([plt.Rectangle((0, 0), 1, 1, color=v) for v in colors.values()], list(colors), fontsize=8)
     base, gains = _reference(cells, "base"), []
-    for m in ("qa-blora", "q-blora", "qlora"):
+    for m in ("qa-blora", "qa-blora-8bit", "q-blora", "qlora"):
         ref = _reference(cells, m)
         if base and ref:
             gains.append(f"{m} {base:.1f}→{ref:.1f}")

@@ -175,10 +175,12 @@ def our_commands(models: dict[str, Path], out: Path) -> dict[str, tuple[str, lis
     return {
         "to-gguf q4_1 fold (QA-BLoRA)": ("to-gguf", cli("to-gguf", qa, str(out / "qa.gguf"), "--type", "q4_1")),
         "to-safetensors fp16 merge (Q-BLoRA/NF4)": ("to-safetensors", cli("to-safetensors", qb, str(out / "qb-fp16"))),
+        "to-safetensors fp16 merge (QA-BLoRA)": ("to-safetensors", cli("to-safetensors", qa, str(out / "qa-fp16"))),
         "to-onnx int4 (QA-BLoRA)": ("to-onnx", cli("to-onnx", qa, str(out / "qa-onnx"), "--precision", "int4")),
         "to-safetensors --layout mlx (QA-BLoRA)": ("mlx", cli("to-safetensors", qa, str(out / "qa-mlx"), "--layout", "mlx")),
         "to-peft (Q-BLoRA)": ("to-peft", cli("to-peft", qb, str(out / "qb-peft"))),
         "verify (QA-BLoRA, no artifact)": ("verify", cli("verify", qa)),
+        "verify (Q-BLoRA/NF4, no artifact)": ("verify", cli("verify", qb)),
         "verify qa.gguf --runtime llama.cpp": ("verify-gguf", cli("verify", qa, str(out / "qa.gguf"), "--runtime", "llama.cpp")),
     }
 
@@ -202,6 +204,31 @@ def run_llama_cpp(base: Path, out: Path, logs: Path, workdir: Path) -> list[Run]
         runs[1].name = names[1]
         f16.unlink(missing_ok=True)
     return runs
+
+
+#: verify's wall target: at most 3x the export that makes the artifact it checks, on the same model.
+VERIFY_MATCH = {"verify (QA-BLoRA, no artifact)": "to-safetensors fp16 merge (QA-BLoRA)",
+                "verify (Q-BLoRA/NF4, no artifact)": "to-safetensors fp16 merge (Q-BLoRA/NF4)",
+                "verify qa.gguf --runtime llama.cpp": "to-gguf q4_1 fold (QA-BLoRA)"}
+
+
+def judge_verify_wall(runs: list[Run], gguf: Path, big: bool) -> None:
+    """``verify`` wall <= 3x its matching export's wall (when both ran in this run); ``verify`` of a
+    GGUF in llama.cpp: peak RSS <= what llama.cpp holds (the file, mapped) + 2 GB (and <= 12 GB at 7B)."""
+    walls = {r.name: r.wall_s for r in runs if r.status == "ok"}
+    for run in runs:
+        if run.name == "verify qa.gguf --runtime llama.cpp" and run.status == "ok" and gguf.is_file():
+            limit = gguf.stat().st_size / GB + 2.0
+            limit = min(limit, 12.0) if big else limit
+            run.target, run.met = f"RSS <= {limit:.2f} GB (the GGUF llama.cpp maps + 2 GB)", run.peak_rss_gb <= limit
+    for run in runs:
+        export = VERIFY_MATCH.get(run.name)
+        if export not in walls or run.status != "ok":
+            continue
+        ratio = run.wall_s / walls[export]
+        run.extra["wall_vs_export"] = ratio
+        run.target += f"{'; ' if run.target else ''}wall <= 3x {export} ({ratio:.2f}x)"
+        run.met = (run.met is not False) and ratio <= 3.0 if run.met is not None else None
 
 
 def judge(run: Run, group: str, size: str, llama_wall: float | None, largest_gb: float) -> None:
@@ -250,6 +277,11 @@ def bench_size(size: str, commands: set[str], workdir: Path, keep: bool) -> dict
                          "cpu_vs_llama_cpp": (run.user_s + run.sys_s) / llama_cpu}
         runs.append(run)
         print(f"  {name}: {run.status} {run.wall_s:.1f} s {run.peak_rss_gb:.2f} GB {run.note}", flush=True)
+        if not keep:  # a 7B run's outputs would not fit the disk together; only verify reads one back
+            for child in out.iterdir():
+                if child.name != "qa.gguf":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+    judge_verify_wall(runs, out / "qa.gguf", size == "7b")
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)

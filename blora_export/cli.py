@@ -243,9 +243,10 @@ def to_gguf(ckpt, out_file, base, merge_into, gguf_type, adapter_only, base_only
 @click.argument("ckpt", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @source_options
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int4", "int8"]), default="fp32", show_default=True,
+              help="int4/int8: MatMulNBits with 4-/8-bit codes (exact for QA-BLoRA on a min-max grid of that width).")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
-              help="int4 block size along the input axis (default: 32).")
+              help="int4/int8 block size along the input axis (default: 32).")
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="0", show_default=True,
               help="MatMulNBits accuracy_level: 0 float activations (exact), 4 int8 activations (faster).")
 @click.option("--requantize", is_flag=True,
@@ -256,7 +257,8 @@ def to_gguf(ckpt, out_file, base, merge_into, gguf_type, adapter_only, base_only
 def to_onnx(ckpt, out_dir, base, merge_into, precision, block_size, accuracy_level, requantize, overwrite, json_out,
             quiet):
     """Write an ONNX decoder with KV cache (plus genai_config.json) for onnxruntime."""
-    refuse_inapplicable(precision == "int4", "--precision int4", "block_size", "accuracy_level", "requantize")
+    refuse_inapplicable(precision in ("int4", "int8"), "--precision int4 / int8", "block_size", "accuracy_level",
+                        "requantize")
     result = api.export(ckpt, out_dir, "onnx", base=base, merge_into=merge_into, quiet=quiet, overwrite=overwrite,
                         report=json_out,
                         precision=precision, block_size=int(block_size) if block_size else None,
@@ -292,7 +294,7 @@ def to_peft(ckpt, out_dir, base, layout, overwrite, json_out, quiet):
 @click.option("--lambda-out", type=click.IntRange(min=1), default=None, help="λo (QA-BLoRA default: 4).")
 @click.option("--target", default=None,
               help="QA-BLoRA export target (default gguf-q4_1): gguf-q4_1, gguf-q5_1, onnx-int4-<bs>, "
-                   "mlx-<bits>-<gs>, paper-<bi>x<bo>.")
+                   "onnx-int8-<bs>, mlx-<bits>-<gs>, paper-<bi>x<bo>.")
 @click.option("--rank", default=64, show_default=True, type=click.IntRange(min=1),
               help="LoRA rank r: Q-BLoRA trains R = λi·r; QA-BLoRA uses it only in the scaling alpha/r.")
 @click.option("--alpha", default=16.0, show_default=True, type=float, help="lora_alpha (scaling = alpha / rank).")
@@ -303,7 +305,7 @@ def to_peft(ckpt, out_dir, base, layout, overwrite, json_out, quiet):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--fold-aware/--no-fold-aware", default=None,
               help="QA-BLoRA: train the folded weights α·q + fp16(β + s·H/λi), exactly what a runtime storing β' in "
-                   "fp16 holds (default: on for gguf-*/mlx-*, off for onnx-int4-* and paper-*).")
+                   "fp16 holds (default: on for gguf-*/mlx-*, off for onnx-int4-*, onnx-int8-* and paper-*).")
 @click.option("--save-every", default=100, show_default=True, type=click.IntRange(min=1), help="Checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue the training saved in --out (same options; --steps may grow).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")

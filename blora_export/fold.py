@@ -31,6 +31,7 @@ class RuntimeGrid:
     bits: int
     block: int
     offset_dtype: Optional[str]  # "float16" / "float32" / None (any)
+    command: str = ""  # the export that writes it: "to-onnx --precision int4"
 
     def describe(self) -> str:
         return f"{self.label} ({self.bits}-bit codes, blocks of {self.block} inputs)"
@@ -38,26 +39,40 @@ class RuntimeGrid:
 
 def gguf_grid(bits: int) -> RuntimeGrid:
     """GGUF Q4_1 / Q5_1: ``d·q + m`` on blocks of 32 with fp16 ``d`` and ``m``."""
-    return RuntimeGrid(Runtime.LLAMA_CPP, f"GGUF Q{bits}_1", bits, 32, "float16")
+    return RuntimeGrid(Runtime.LLAMA_CPP, f"GGUF Q{bits}_1", bits, 32, "float16", f"to-gguf --type q{bits}_1")
 
 
 def onnx_grid(block: int, bits: int = 4) -> RuntimeGrid:
-    """onnxruntime ``MatMulNBits``: ``α·(q−8) + c`` with ``c = β' + 8α`` kept in float32."""
-    return RuntimeGrid(Runtime.ONNXRUNTIME, f"MatMulNBits int{bits} block {block}", bits, block, None)
+    """onnxruntime ``MatMulNBits`` without zero points (default ``z = 2^(bits−1)``: 8 for int4, 128 for
+    int8): ``α·(q−z) + c`` with ``c = β' + z·α`` kept in float32."""
+    return RuntimeGrid(Runtime.ONNXRUNTIME, f"MatMulNBits int{bits} block {block}", bits, block, None,
+                       f"to-onnx --precision int{bits}")
 
 
 def mlx_grid(bits: int, group: int, bias_dtype: str = "float16") -> RuntimeGrid:
     """MLX affine: ``scales·q + biases`` on groups of ``group`` inputs."""
-    return RuntimeGrid(Runtime.MLX, f"MLX {bits}-bit group {group}", bits, group, bias_dtype)
+    return RuntimeGrid(Runtime.MLX, f"MLX {bits}-bit group {group}", bits, group, bias_dtype,
+                       f"to-safetensors --layout mlx --bits {bits}")
 
+
+#: Code widths of the ONNX ``MatMulNBits`` precisions this tool writes (``--precision int4|int8``).
+ONNX_BITS = (4, 8)
 
 #: The named runtime grids ``train --target`` and the writers share.
 RUNTIME_GRIDS: dict[str, RuntimeGrid] = {
     "gguf-q4_1": gguf_grid(4),
     "gguf-q5_1": gguf_grid(5),
-    **{f"onnx-int4-{t}": onnx_grid(t) for t in RUNTIME_BLOCK_SIZES},
+    **{f"onnx-int{b}-{t}": onnx_grid(t, b) for b in ONNX_BITS for t in RUNTIME_BLOCK_SIZES},
     **{f"mlx-{b}-{g}": mlx_grid(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)},
 }
+
+
+def width_hint(bits: int) -> str:
+    """The exports that store ``bits``-bit codes with a float offset (where such a grid folds)."""
+    commands = list(dict.fromkeys(g.command for g in RUNTIME_GRIDS.values() if g.bits == bits))
+    article = "an" if bits == 8 else "a"
+    return (f"{article} {bits}-bit grid folds into {', '.join(commands)}" if commands
+            else f"no runtime here stores {bits}-bit codes with a float offset")
 
 
 def fold_problems(grid: MinMaxGrid, lambda_in: int, lambda_out: int) -> list[str]:
@@ -120,7 +135,8 @@ def fold_obstacles(method: str, grid: object, merge_into: str, lambdas: Iterable
         return ["--merge-into original asks for the unquantized base weights, which are not on the grid"]
     problems = []
     if grid.bits != target.bits:
-        problems.append(f"the grid has {grid.bits}-bit codes, {target.label} stores {target.bits}-bit codes")
+        problems.append(f"the grid has {grid.bits}-bit codes, {target.label} stores {target.bits}-bit codes "
+                        f"({width_hint(grid.bits)})")
     if target.offset_dtype == "float16" and grid.param_dtype != "float16":
         problems.append(f"the grid stores α/β as {grid.param_dtype}, {target.label} as float16")
     found = set(runtime_block_problems(grid, target.block))

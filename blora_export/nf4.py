@@ -5,7 +5,10 @@ tensor without needing bitsandbytes at run time.
 
 Mirrored code path: bitsandbytes 0.50.2 (PyPI wheel, ``libbitsandbytes_cpu.so``), CPU
 tensors, ``quantize_4bit(W, blocksize=bs, quant_type="nf4", compress_statistics=dq)``
-followed by ``dequantize_4bit``:
+followed by ``dequantize_4bit``'s reference computation (``backends/default/ops.py``, flat
+blocks, what the CUDA kernel computes; on AVX512 CPUs bnb 0.50 dispatches dequantization to a
+native per-row kernel that disagrees with its own quantization when a row is not a multiple of
+the block size, so that kernel is not the reference):
 
 * 4-bit quantization: ``backends/default/ops.py`` ``quantize_4bit`` (pure torch; bnb
   registers no CPU-specific kernel for it). The flattened weight, in float32, is cut into

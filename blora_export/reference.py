@@ -18,7 +18,7 @@ from .base import BaseModel
 from .checkpoint import Checkpoint
 from .delta import AdapterModule, adapter_forward
 from .errors import BadInputError
-from .merge import MergePlan, exact_merged_weight, trained_base_weight
+from .merge import MergePlan, exact_merged_weight, is_quantized_linear, trained_base_weight
 from .stream import PartCache, Stream, StreamedForward
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,12 @@ def branch_hooks(modules: Sequence[AdapterModule]):
 
 
 def trained_base_fn(plan: MergePlan):
-    """Weights of the base as the adapter saw it (float32), memoized per part."""
+    """Weights of the base as the adapter saw it, memoized per part: float32 where the plan changes
+    them (a quantized base's decoder Linears), else the base's own tensor in its own dtype (exact;
+    a float32 copy of a 16-bit embedding matrix would cost its size twice over per stream)."""
     def weights(name: str, cache: PartCache) -> torch.Tensor:
+        if plan.merge_into == "original" or not is_quantized_linear(name):
+            return cache.tensor(name)
         return cache.memo(("trained_base", name), lambda: trained_base_weight(name, cache.tensor(name), plan))
     return weights
 
@@ -181,7 +185,7 @@ def rounded_stream(plan: MergePlan, dtype: torch.dtype, name: str = "rounded bas
     """The base as trained, *without* the adapter, every weight rounded to ``dtype``: what storing
     in ``dtype`` costs a model, independent of the update being verified."""
     base = trained_base_fn(plan)
-    return Stream(name, lambda n, cache: base(n, cache).to(dtype).to(torch.float32))
+    return Stream(name, lambda n, cache: base(n, cache).to(dtype))
 
 
 @dataclass

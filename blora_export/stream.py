@@ -72,14 +72,15 @@ HookFn = Callable[[torch.nn.Module, str], list]
 
 
 def base_weights(name: str, cache: PartCache) -> torch.Tensor:
-    return cache.tensor(name).to(torch.float32)
+    return cache.tensor(name)
 
 
 @dataclass
 class Stream:
     """One model run through the layers: where its weights come from and how it computes.
 
-    ``weights(name, cache)`` gives the float32 value of parameter ``name`` (Hugging Face name);
+    ``weights(name, cache)`` gives the value of parameter ``name`` (Hugging Face name), in any float
+    dtype that holds it exactly (the float32 parameter is filled by an in-place cast);
     ``hooks(module, prefix)`` attaches forward hooks to a materialized part (returns handles).
     """
 
@@ -125,7 +126,7 @@ def load_part(module: torch.nn.Module, prefix: str, stream: Stream, cache: PartC
             if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(f"{stream.name}: {name} has shape {tuple(value.shape)}, "
                                  f"the model wants {tuple(param.shape)}")
-            param.copy_(value.to(torch.float32))
+            param.copy_(value)  # casts in place: no float32 temporary of a 16-bit value
 
 
 @contextmanager

@@ -167,13 +167,13 @@ def merge_stream(job: ExportJob, dtype: torch.dtype, checks: list[LayerCheck]) -
     def weights(name: str, cache: PartCache) -> torch.Tensor:
         module = job.ckpt.module_for_weight(name)
         if module is None:
-            return base(name, cache).to(dtype).to(torch.float32)
+            return base(name, cache).to(dtype)
         trained = None if job.plan.folded else base(name, cache)
         with one_thread():
             merged = merged_weight(name, cache.tensor(name), job.ckpt, job.plan, dtype, trained=trained)
         _, ratio = reference_rounding(job, module, cache, dtype, candidate=merged)
         checks.append(LayerCheck(name, f"|w - exact| / ulp({str(dtype)[6:]})", ratio, HALF_ULP_LIMIT))
-        return merged.to(torch.float32)
+        return merged
     return Stream("candidate", weights)
 
 
@@ -185,8 +185,8 @@ def reference_rounding_stream(job: ExportJob, dtype: torch.dtype) -> Stream:
     def weights(name: str, cache: PartCache) -> torch.Tensor:
         module = job.ckpt.module_for_weight(name)
         if module is None:
-            return base(name, cache).to(dtype).to(torch.float32)
-        return reference_rounding(job, module, cache, dtype)[0].to(torch.float32)
+            return base(name, cache).to(dtype)
+        return reference_rounding(job, module, cache, dtype)[0]
     return Stream("rounded trained", weights)
 
 
@@ -272,7 +272,8 @@ def format_report(report: VerifyReport, max_layers: int = 12) -> str:
               f"  KL(ref || cand)   {s.kl_mean:.3e} nats, {s.positions} positions",
               f"  adapter effect    {report.adapter_effect:.3e} (relative change of logits the adapter makes)"]
     if report.rounding_floor is not None:
-        lines.append(f"  rounding floor    {report.rounding_floor:.3e} (verify's own correct rounding of the base alone and of the trained model)")
+        lines.append(f"  rounding floor    {report.rounding_floor:.3e} "
+                     "(verify's own correct rounding of the base alone and of the trained model)")
     w = report.weights_check
     if w is not None:
         lines += [f"  file's weights    {w.logits.max_rel:.3e} relative, top-1 {w.logits.top1_agreement:.4f} "

@@ -1,7 +1,7 @@
 """The ONNX decoder graph (the families of blora_export.families), built node by node with ``onnx.helper``.
 
 One route, kept in this module: the graph is written directly from the Hugging Face config,
-in plain opset-21 operators (plus ``com.microsoft::MatMulNBits`` for int4 weights), so the
+in plain opset-21 operators (plus ``com.microsoft::MatMulNBits`` for int4 and int8 weights), so the
 output is deterministic and needs neither ``torch.onnx`` nor a model builder. It mirrors
 transformers' modeling code, in float32 activations:
 
@@ -74,12 +74,13 @@ class FloatLinear:
 
 
 @dataclass(frozen=True)
-class Int4Linear:
-    """``w = α·(q − 8) + c`` per block of ``block_size`` inputs (``c = β + 8α``), see docs/FORMATS.md.
+class QuantLinear:
+    """``w = α·(q − z) + c`` per block of ``block_size`` inputs, ``z = 2^(bits−1)`` (MatMulNBits' default
+    zero point: 8 for int4, 128 for int8) and ``c = β + z·α``, see docs/FORMATS.md.
 
-    ``packed`` uint8 ``[N, K/bs, bs/2]`` (low nibble first), ``scales`` float32 ``[N, K/bs]``,
-    ``offsets_t`` float32 ``[K/bs, N]``. Computed as ``MatMulNBits(X, q, α)`` (default zero point 8)
-    plus ``ReduceSum_blocks(X) @ offsets_t``.
+    ``packed`` uint8 ``[N, K/bs, bs·bits/8]`` (int4: two codes per byte, low nibble first; int8: one
+    code per byte), ``scales`` float32 ``[N, K/bs]``, ``offsets_t`` float32 ``[K/bs, N]``. Computed as
+    ``MatMulNBits(X, q, α)`` (no zero points input) plus ``ReduceSum_blocks(X) @ offsets_t``.
     """
 
     packed: np.ndarray
@@ -88,10 +89,11 @@ class Int4Linear:
     block_size: int
     accuracy_level: int
     bias: Optional[np.ndarray] = None
+    bits: int = 4
 
 
 class WeightProvider(Protocol):
-    def linear(self, layer: int, group: LinearGroup) -> FloatLinear | Int4Linear: ...
+    def linear(self, layer: int, group: LinearGroup) -> FloatLinear | QuantLinear: ...
 
     def tensor(self, name: str) -> np.ndarray: ...  # embeddings, norms, head: float arrays
 
@@ -206,15 +208,15 @@ def float_weight(g: Graph, name: str, array: np.ndarray) -> str:
     return ref if array.dtype == np.float32 else g.op("Cast", [ref], to=TensorProto.FLOAT)
 
 
-def linear(g: Graph, x: str, data: FloatLinear | Int4Linear, name: str) -> str:
+def linear(g: Graph, x: str, data: FloatLinear | QuantLinear, name: str) -> str:
     if isinstance(data, FloatLinear):
         y = g.op("MatMul", [x, float_weight(g, f"{name}.MatMul.weight", data.weight_t)])
     else:
-        n, k_blocks, half = data.packed.shape
+        n, k_blocks, _ = data.packed.shape
         bs = data.block_size
         q = g.init(f"{name}.MatMulNBits.qweight", data.packed)
         scales = g.init(f"{name}.MatMulNBits.scales", data.scales)
-        main = g.op("MatMulNBits", [x, q, scales], domain=MS_DOMAIN, K=k_blocks * bs, N=n, bits=4,
+        main = g.op("MatMulNBits", [x, q, scales], domain=MS_DOMAIN, K=k_blocks * bs, N=n, bits=data.bits,
                     block_size=bs, accuracy_level=data.accuracy_level)
         sums = g.op("ReduceSum", [g.op("Reshape", [x, g.const([0, 0, k_blocks, bs])]), g.const([-1])], keepdims=0)
         offsets = g.init(f"{name}.block_offsets", data.offsets_t)

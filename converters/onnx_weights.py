@@ -1,15 +1,16 @@
-"""Weights for the ONNX decoder: float (merged), exact int4 (the checkpoint's own codes), re-quantized int4.
+"""Weights for the ONNX decoder: float (merged), exact int4/int8 (the checkpoint's own codes), re-quantized.
 
 Each provider hands :func:`converters.onnx_graph.build_decoder` one fused linear group at a
 time (read from the base one tensor at a time), and the store writes each initializer as soon
-as it is made. The int4 encoding (docs/FORMATS.md) of ``w = α·q + β`` is ``α·(q − 8) + c`` with
-``c = β + 8α``: ``MatMulNBits`` without zero points (default 8) plus a block-sum correction.
+as it is made. The low-bit encoding (docs/FORMATS.md) of ``w = α·q + β`` is ``α·(q − z) + c``
+with ``c = β + z·α``, ``z = 2^(bits−1)`` (8 for int4, 128 for int8): ``MatMulNBits`` without
+zero points (whose default is ``z``) plus a block-sum correction.
 
-* exact: QA-BLoRA on a 4-bit min-max grid, runtime blocks of ``t`` with ``t | block_in`` and
-  ``t | λi``: codes and α are the checkpoint grid's, ``c = β + s·H/λi + 8α`` is computed in
-  float64 and stored in float32 (half an ulp). No float16 rounding of β' is needed: ``c`` is
-  a float32 tensor.
-* requantized: merge exactly (float64), quantize min-max RTN on ``MinMaxGrid(4, 1, t)``.
+* exact: QA-BLoRA on a min-max grid of the same width (4 or 8 bits), runtime blocks of ``t``
+  with ``t | block_in`` and ``t | λi``: codes and α are the checkpoint grid's,
+  ``c = β + s·H/λi + z·α`` is computed in float64 and stored in float32 (half an ulp). No
+  float16 rounding of β' is needed: ``c`` is a float32 tensor.
+* requantized: merge exactly (float64), quantize min-max RTN on ``MinMaxGrid(bits, 1, t)``.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from blora_export.delta import delta_weight
+from blora_export.fold import ONNX_BITS
 from blora_export.job import ExportJob, LayerCheck
 from blora_export.merge import exact_merged_weight, merged_weight
 from blora_export.numerics import HALF_ULP_LIMIT, half_ulp_ratio
@@ -31,9 +33,8 @@ from blora_export.quant import expand_blocks, quantize_minmax, to_row_blocks, tr
 from blora_export.spec import MinMaxGrid
 from blora_export.tensor_io import one_thread
 
-from .onnx_graph import LINEAR_GROUPS, ONNX_DTYPES, FloatLinear, Int4Linear, LinearGroup
+from .onnx_graph import LINEAR_GROUPS, ONNX_DTYPES, FloatLinear, LinearGroup, QuantLinear
 
-ZERO_POINT = 8  # MatMulNBits' default zero point for 4 bits
 INLINE_BYTES = 1024  # small constants stay in model.onnx
 ALIGN = 4096  # external data offsets (page-aligned for memory mapping)
 NUMPY_DTYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.UINT8: np.uint8,
@@ -44,9 +45,18 @@ def member_names(layer: int, group: LinearGroup, suffix: str = "weight") -> list
     return [f"model.layers.{layer}.{m}.{suffix}" for m in group.members]
 
 
-def group_initializer(layer: int, group: LinearGroup, int4: bool) -> str:
+#: ``--precision`` names of the MatMulNBits files and their code widths.
+LOWBIT_PRECISIONS = {f"int{b}": b for b in ONNX_BITS}
+
+
+def zero_point(bits: int) -> int:
+    """MatMulNBits' default zero point without a zero_points input: ``2^(bits−1)`` (8 for int4, 128 for int8)."""
+    return 1 << (bits - 1)
+
+
+def group_initializer(layer: int, group: LinearGroup, quantized: bool) -> str:
     prefix = f"model.layers.{layer}.{group.onnx_name}"
-    return f"{prefix}.MatMulNBits.qweight" if int4 else f"{prefix}.MatMul.weight"
+    return f"{prefix}.MatMulNBits.qweight" if quantized else f"{prefix}.MatMul.weight"
 
 
 def module_rows(job: ExportJob, layer: int, group: LinearGroup) -> dict[str, tuple[int, int]]:
@@ -59,15 +69,22 @@ def module_rows(job: ExportJob, layer: int, group: LinearGroup) -> dict[str, tup
     return rows
 
 
-def pack_int4(codes: torch.Tensor, block: int) -> np.ndarray:
-    """``[N, K]`` codes 0..15 → uint8 ``[N, K/block, block/2]``, low nibble first."""
+def pack_codes(codes: torch.Tensor, block: int, bits: int) -> np.ndarray:
+    """``[N, K]`` codes → uint8 ``[N, K/block, block·bits/8]``: int4 two per byte, low nibble first;
+    int8 one per byte."""
     c = codes.to(torch.uint8)
-    packed = c[:, 0::2] | (c[:, 1::2] << 4)
-    return packed.reshape(c.shape[0], c.shape[1] // block, block // 2).numpy()
+    if bits == 4:
+        c = c[:, 0::2] | (c[:, 1::2] << 4)
+    elif bits != 8:
+        raise ValueError(f"MatMulNBits packing is written for 4 and 8 bits, not {bits}")
+    return c.reshape(codes.shape[0], codes.shape[1] // block, block * bits // 8).numpy()
 
 
-def unpack_int4(packed: np.ndarray) -> torch.Tensor:
+def unpack_codes(packed: np.ndarray, bits: int) -> torch.Tensor:
+    """The inverse of :func:`pack_codes`: ``[N, K]`` uint8 codes."""
     p = torch.from_numpy(np.array(packed, dtype=np.uint8)).reshape(packed.shape[0], -1)
+    if bits == 8:
+        return p
     return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
@@ -101,57 +118,63 @@ class FloatWeights:
 
 
 @dataclass
-class Int4Weights:
-    """int4 weights on runtime blocks of ``block``: exact (the grid's own codes) or re-quantized."""
+class QuantWeights:
+    """``bits``-bit weights (4 or 8) on runtime blocks of ``block``: exact (the grid's own codes) or
+    re-quantized."""
 
     job: ExportJob
     block: int
     accuracy_level: int
     requantize: bool
+    bits: int = 4
     ptq: PtqError = field(default_factory=PtqError)  # what re-quantization adds, per weight
 
     def codes_scales_offsets(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(q [N, K], α [N, K/t] float32, c [N, K/t] float64)`` for one HF weight."""
         if self.requantize:
             return self._requantized(name)
-        return exact_int4(self.job, name, self.block)
+        return exact_codes(self.job, name, self.block, self.bits)
 
     def _requantized(self, name: str):
         weight = self.job.base.tensor(name)
         exact = exact_merged_weight(name, weight, self.job.ckpt, self.job.plan)
-        qw = quantize_minmax(exact.to(torch.float32), requant_grid(self.block), name)
+        qw = quantize_minmax(exact.to(torch.float32), requant_grid(self.block, self.bits), name)
         deq = qw.dequantize(torch.float64)
         self.ptq.add(deq, exact, name)
         alpha, beta = qw.alpha.double(), qw.beta.double()
-        return qw.codes, alpha.float(), beta + ZERO_POINT * alpha
+        return qw.codes, alpha.float(), beta + zero_point(self.bits) * alpha
 
-    def linear(self, layer: int, group: LinearGroup) -> Int4Linear:
+    def linear(self, layer: int, group: LinearGroup) -> QuantLinear:
         with one_thread():
             parts = [self.codes_scales_offsets(n) for n in member_names(layer, group)]
         codes = torch.cat([p[0] for p in parts])
         scales = torch.cat([p[1] for p in parts]).float()
         offsets = torch.cat([p[2] for p in parts]).to(torch.float32)
-        return Int4Linear(packed=pack_int4(codes, self.block), scales=scales.numpy(),
-                          offsets_t=offsets.T.contiguous().numpy(), block_size=self.block,
-                          accuracy_level=self.accuracy_level, bias=group_bias(self.job, layer, group))
+        return QuantLinear(packed=pack_codes(codes, self.block, self.bits), scales=scales.numpy(),
+                           offsets_t=offsets.T.contiguous().numpy(), block_size=self.block,
+                           accuracy_level=self.accuracy_level, bias=group_bias(self.job, layer, group),
+                           bits=self.bits)
 
     def tensor(self, name: str) -> np.ndarray:
         return self.job.base.tensor(name).to(torch.float32).numpy()
 
 
-def requant_grid(block: int) -> MinMaxGrid:
-    return MinMaxGrid(bits=4, block_out=1, block_in=block)
+def requant_grid(block: int, bits: int = 4) -> MinMaxGrid:
+    return MinMaxGrid(bits=bits, block_out=1, block_in=block)
 
 
-def exact_int4(job: ExportJob, name: str, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The checkpoint grid's codes and α on runtime blocks, and ``c = β + s·H/λi + 8α`` (float64)."""
+def exact_codes(job: ExportJob, name: str, block: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checkpoint grid's codes and α on runtime blocks, and ``c = β + s·H/λi + z·α`` (float64).
+
+    ``bits`` is the grid's own width (the planner has checked it); ``z`` the runtime's default zero point.
+    """
     grid = job.plan.base_quant
     qw = quantize_minmax(job.base.tensor(name).to(torch.float32), grid, name)
     module = job.ckpt.module_for_weight(name)
     if module is not None:  # β' as trained: exact, or param_dtype-rounded for a fold-aware checkpoint
         qw = replace(qw, beta=trained_beta(qw, module, job.ckpt.folded_forward))
     alpha, beta = to_row_blocks(qw, block)
-    offsets = beta.double() + ZERO_POINT * alpha.double()
+    offsets = beta.double() + zero_point(bits) * alpha.double()
     return qw.codes, alpha.float(), offsets
 
 
@@ -237,14 +260,14 @@ def locate(weight_name: str) -> tuple[int, LinearGroup]:
     return int(layer), next(g for g in LINEAR_GROUPS if member in g.members)
 
 
-def reference_int4(job: ExportJob, name: str, block: int, requantize: bool):
+def reference_codes(job: ExportJob, name: str, block: int, requantize: bool, bits: int):
     """``(codes, α per runtime block, w_ref float64)``: the grid's own codes with ``w_ref = αq + β + ΔW``,
     or RTN of the exact merge with ``w_ref = αq + β`` (computed independently of the export)."""
     weight = job.base.tensor(name)
     module = job.ckpt.module_for_weight(name)
     if requantize:
         qw = quantize_minmax(exact_merged_weight(name, weight, job.ckpt, job.plan).to(torch.float32),
-                             requant_grid(block), name)
+                             requant_grid(block, bits), name)
     else:
         qw = quantize_minmax(weight.to(torch.float32), job.plan.base_quant, name)
     beta = qw.beta.double()
@@ -256,38 +279,41 @@ def reference_int4(job: ExportJob, name: str, block: int, requantize: bool):
     return qw.codes, to_row_blocks(qw, block)[0].float(), w_ref
 
 
-def stored_int4(reader: "TensorReader", layer: int, group: LinearGroup, rows: tuple[int, int], block: int):
+def stored_codes(reader: "TensorReader", layer: int, group: LinearGroup, rows: tuple[int, int], bits: int):
     """``(codes [N, K], α [N, K/t], c [N, K/t])`` of one member, read back from the file."""
     prefix = f"model.layers.{layer}.{group.onnx_name}"
     start, stop = rows
-    codes = unpack_int4(reader.array(f"{prefix}.MatMulNBits.qweight")[start:stop])
+    codes = unpack_codes(reader.array(f"{prefix}.MatMulNBits.qweight")[start:stop], bits)
     scales = torch.from_numpy(reader.array(f"{prefix}.MatMulNBits.scales")[start:stop].copy())
     offsets = torch.from_numpy(reader.array(f"{prefix}.block_offsets")[:, start:stop].T.copy())
     return codes, scales, offsets
 
 
-def dequantized_int4(job: ExportJob, model_path: Path, block: int):
-    """Every decoder Linear of an int4 file as float64 ``α·(q − 8) + c``, one at a time."""
+def dequantized_codes(job: ExportJob, model_path: Path, block: int, bits: int):
+    """Every decoder Linear of an int4/int8 file as float64 ``α·(q − z) + c``, one at a time."""
     reader = TensorReader(model_path)
     for name in job.base.linear_names():
         layer, group = locate(name)
-        codes, scales, offsets = stored_int4(reader, layer, group, module_rows(job, layer, group)[name], block)
+        codes, scales, offsets = stored_codes(reader, layer, group, module_rows(job, layer, group)[name], bits)
         alpha = torch.repeat_interleave(scales.double(), block, dim=1)
-        yield name, alpha * (codes.double() - ZERO_POINT) + torch.repeat_interleave(offsets.double(), block, dim=1)
+        yield name, (alpha * (codes.double() - zero_point(bits))
+                     + torch.repeat_interleave(offsets.double(), block, dim=1))
 
 
-def int4_module_checks(job: ExportJob, reader: "TensorReader", name: str, meta: dict) -> list[LayerCheck]:
+def quant_module_checks(job: ExportJob, reader: "TensorReader", name: str, info: dict, bits: int) -> list[LayerCheck]:
     layer, group = locate(name)
-    block, requantize = meta["block_size"], meta["mode"] == "requantized"
-    codes, scales, offsets = stored_int4(reader, layer, group, module_rows(job, layer, group)[name], block)
-    ref_codes, ref_scales, w_ref = reference_int4(job, name, block, requantize)
+    block, requantize, z = info["block_size"], info["mode"] == "requantized", zero_point(bits)
+    codes, scales, offsets = stored_codes(reader, layer, group, module_rows(job, layer, group)[name], bits)
+    ref_codes, ref_scales, w_ref = reference_codes(job, name, block, requantize, bits)
     source = "RTN of the exact merge" if requantize else "the checkpoint grid"
+    if codes.shape != ref_codes.shape or scales.shape != ref_scales.shape:
+        return [LayerCheck(name, f"int{bits} codes, scales shaped as {source}'s", float("inf"), 0.0)]
     mismatches = int((codes != ref_codes).sum()) + int((scales != ref_scales).sum())
     alpha = torch.repeat_interleave(scales.double(), block, dim=1)
-    implied = w_ref - alpha * (codes.double() - ZERO_POINT)  # exactly β + ΔW + 8α where codes/α are right
+    implied = w_ref - alpha * (codes.double() - z)  # exactly β + ΔW + zα where codes/α are right
     stored = torch.repeat_interleave(offsets, block, dim=1)
-    offset = "β+8α" if requantize else "β+ΔW+8α"
-    return [LayerCheck(name, f"int4 codes, scales = {source}'s (mismatches)", float(mismatches), 0.0),
+    offset = f"β+{z}α" if requantize else f"β+ΔW+{z}α"
+    return [LayerCheck(name, f"int{bits} codes, scales = {source}'s (mismatches)", float(mismatches), 0.0),
             LayerCheck(name, f"|c - ({offset})| / ulp(float32)", half_ulp_ratio(stored, implied), HALF_ULP_LIMIT)]
 
 
@@ -303,14 +329,15 @@ def float_module_check(job: ExportJob, reader: "TensorReader", name: str) -> Lay
 def weight_checks(job: ExportJob, model_path: Path, meta: dict) -> list[LayerCheck]:
     """Each adapted weight in the file against the exact ``trained_base + ΔW`` (or its RTN)."""
     reader = TensorReader(model_path)
-    int4 = meta.get("int4")
+    bits = LOWBIT_PRECISIONS.get(meta.get("precision"))
+    info = meta.get(meta.get("precision")) if bits else None
     checks = []
     for module in job.progress(list(job.ckpt.modules.values()), desc="check weights", unit="layer"):
         layer, group = locate(module.weight_name)
-        if group_initializer(layer, group, int4 is not None) not in reader:
+        if group_initializer(layer, group, info is not None) not in reader:
             checks.append(LayerCheck(module.weight_name, "present in artifact", float("inf"), 0.0))
-        elif int4:
-            checks.extend(int4_module_checks(job, reader, module.weight_name, int4))
+        elif info:
+            checks.extend(quant_module_checks(job, reader, module.weight_name, info, bits))
         else:
             checks.append(float_module_check(job, reader, module.weight_name))
     return checks

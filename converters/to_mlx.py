@@ -403,10 +403,22 @@ def tolerance(job: ExportJob, path: Path, mplan: MlxPlan) -> tuple[Tolerance, tu
     if mplan.scale_dtype == "float32":
         return Tolerance(max_rel=1e-5, min_top1=0.97,
                          basis="float32 biases: β' rounded to float32, float32 operation-order noise only"), (), None
+    if exact_float16_biases(job, mplan):
+        return Tolerance(max_rel=1e-5, min_top1=0.97,
+                         basis="float16 biases = the fold-aware checkpoint's own float16 β' (exact, the layer checks "
+                               "show 0 ulp): float32 operation-order noise only"), (), None
     u = UNIT_ROUNDOFF[torch.float16]
     return Tolerance(max_rel=16 * u, min_top1=0.9,
                      basis="float16 biases: codes and α exact, each β' within half an fp16 ulp (16 x 2^-11, "
                            "as for fp16 weights); MLX's CPU quantized matmul keeps float32 activations"), (), None
+
+
+def exact_float16_biases(job: ExportJob, mplan: MlxPlan) -> bool:
+    """The fold route with float16 biases for a checkpoint trained fold-aware with float16 β': the file holds
+    exactly the trained weights (no rounding at export)."""
+    grid = job.plan.base_quant
+    return (mplan.route == "fold" and mplan.scale_dtype == "float16" and job.plan.folded
+            and isinstance(grid, MinMaxGrid) and grid.param_dtype == "float16")
 
 
 def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Artifact:

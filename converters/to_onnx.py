@@ -1,4 +1,4 @@
-"""ONNX decoder with KV cache for onnxruntime (and onnxruntime-genai), float or int4.
+"""ONNX decoder with KV cache for onnxruntime (and onnxruntime-genai), float, int4 or int8.
 
 Route: the graph is written directly with ``onnx.helper`` (:mod:`converters.onnx_graph`),
 weights come from :mod:`converters.onnx_weights`. IR version 10, opset 21 plus
@@ -10,11 +10,11 @@ Precisions (activations and KV cache are float32 in all three, which every CPU b
 * ``fp32``: merged weights, each the correctly rounded ``trained_base + ΔW``;
 * ``fp16``: the same rounded to float16 (embeddings and head too; norms float32), cast to
   float32 when the session loads;
-* ``int4``: ``MatMulNBits`` on blocks of ``--block-size`` inputs. A QA-BLoRA checkpoint on a
-  4-bit min-max grid exports its own codes and scales exactly (the update folded into the
-  offsets) when the block divides the grid's block and λi; otherwise the export refuses, or
-  with ``--requantize`` merges and re-quantizes (min-max RTN) and reports the added error.
-  Q-BLoRA has no exact int4 form: int4 is always merge-then-quantize.
+* ``int4`` / ``int8``: ``MatMulNBits`` (bits 4 / 8) on blocks of ``--block-size`` inputs. A
+  QA-BLoRA checkpoint on a min-max grid of the same width exports its own codes and scales
+  exactly (the update folded into the offsets) when the block divides the grid's block and λi;
+  otherwise the export refuses, or with ``--requantize`` merges and re-quantizes (min-max RTN)
+  and reports the added error. Q-BLoRA has no exact low-bit form: it is always merge-then-quantize.
 """
 from __future__ import annotations
 
@@ -42,11 +42,20 @@ from blora_export.stream import Stream
 from blora_export.tolerance import Tolerance, floor_tolerance, tolerance_for_dtype
 
 from .onnx_graph import IR_VERSION, OPSET, DecoderSpec, build_decoder
-from .onnx_weights import FloatWeights, Int4Weights, TensorStore, dequantized_int4, requant_grid, weight_checks
+from .onnx_weights import (
+    LOWBIT_PRECISIONS,
+    FloatWeights,
+    QuantWeights,
+    TensorStore,
+    dequantized_codes,
+    requant_grid,
+    weight_checks,
+    zero_point,
+)
 
 log = logging.getLogger(__name__)
 NAME = "onnx"
-DESCRIPTION = "ONNX decoder with KV cache for onnxruntime / onnxruntime-genai (fp32, fp16, int4 MatMulNBits)"
+DESCRIPTION = "ONNX decoder with KV cache for onnxruntime / onnxruntime-genai (fp32, fp16, int4/int8 MatMulNBits)"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
@@ -54,7 +63,7 @@ GENAI_CONFIG = "genai_config.json"
 # model.onnx.data: inlining means holding them all in the ModelProto and again in its serialized
 # bytes (a 1.1B int4 export peaked at 5.3 GB that way; protobuf's own limit is 2 GB).
 INLINE_LIMIT = 256 * 1024**2
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int4": None}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, **{p: None for p in LOWBIT_PRECISIONS}}
 BLOCK_SIZES = (16, 32, 64, 128)
 DEFAULT_BLOCKS = (32, 16)  # a block that folds 64 or 128 also folds 32; 16 serves λi = 16
 ACCURACY_LEVELS = (0, 4)
@@ -70,39 +79,53 @@ INT4_TOLERANCES = {
         basis="int4 exact weights, accuracy_level 4 (MatMulNBits quantizes activations to int8): measured "
               "3-6% relative, top-1 0.94-0.99 on tiny llama/mistral/qwen2 and a hidden-512 model; bound 10%"),
 }
-# requantized files, and accuracy_level 4: FLOOR_FACTOR x a floor measured at verify time (int4_floor)
+INT8_TOLERANCES = {
+    ("exact", 0): Tolerance(
+        max_rel=1e-5, min_top1=0.97,
+        basis="int8 exact: the checkpoint's codes and scales, offsets β+ΔW+128α in float32 (half an ulp), "
+              "float32 activations: float32 operation-order noise only (the same bound as int4)"),
+    ("exact", 4): Tolerance(
+        max_rel=0.1, min_top1=0.85,
+        basis="int8 exact weights, accuracy_level 4 (MatMulNBits quantizes activations to int8): measured "
+              "4.8% relative, top-1 0.98 on the tiny llama sample on an 8-bit grid (int4 there: 4.9%); bound 10%"),
+}
+TOLERANCES = {"int4": INT4_TOLERANCES, "int8": INT8_TOLERANCES}
+# requantized files, and accuracy_level 4: FLOOR_FACTOR x a floor measured at verify time (lowbit_floor)
 
 
 def check_options(precision: str, block_size, accuracy_level: int, requantize: bool) -> None:
     if precision not in PRECISIONS:
         raise UnsupportedError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "int4" and (block_size is not None or accuracy_level or requantize):
-        raise UnsupportedError("--block-size, --accuracy-level and --requantize apply to --precision int4 only")
+    if precision not in LOWBIT_PRECISIONS and (block_size is not None or accuracy_level or requantize):
+        raise UnsupportedError("--block-size, --accuracy-level and --requantize apply to --precision "
+                               f"{' / '.join(LOWBIT_PRECISIONS)} only")
     if block_size is not None and block_size not in BLOCK_SIZES:
         raise UnsupportedError(f"--block-size must be one of {BLOCK_SIZES}, got {block_size}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise UnsupportedError(f"--accuracy-level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
 
 
-def exact_int4_problems(job: ExportJob, block: int) -> list[str]:
-    """Why the checkpoint's own codes cannot be exported exactly on runtime blocks of ``block``."""
+def exact_problems(job: ExportJob, block: int, bits: int) -> list[str]:
+    """Why the checkpoint's own codes cannot be exported exactly as ``bits``-bit codes on runtime blocks of ``block``."""
     return fold_obstacles(job.ckpt.method, job.plan.base_quant, job.plan.merge_into, job.ckpt.lambdas.values(),
-                          onnx_grid(block))
+                          onnx_grid(block, bits))
 
 
-def int4_weights(job: ExportJob, block_size, accuracy_level: int, requantize: bool) -> Int4Weights:
+def lowbit_weights(job: ExportJob, precision: str, block_size, accuracy_level: int, requantize: bool) -> QuantWeights:
     """Exact when the checkpoint folds into the block; re-quantized when asked; else refuse."""
+    bits = LOWBIT_PRECISIONS[precision]
     candidates = (block_size,) if block_size is not None else DEFAULT_BLOCKS
     problems = {}
     for block in candidates:
-        problems[block] = exact_int4_problems(job, block)
+        problems[block] = exact_problems(job, block, bits)
         if not problems[block]:
-            return Int4Weights(job, block, accuracy_level, requantize=False)
+            return QuantWeights(job, block, accuracy_level, requantize=False, bits=bits)
     block = candidates[0]
     if requantize:
-        log.warning("int4: %s; merging and re-quantizing (min-max RTN, block %d)", "; ".join(problems[block]), block)
-        return Int4Weights(job, block, accuracy_level, requantize=True)
-    raise UnsupportedError(fold_refusal(onnx_grid(block), problems[block], job.ckpt.lambdas.values(),
+        log.warning("%s: %s; merging and re-quantizing (min-max RTN, block %d)", precision,
+                    "; ".join(problems[block]), block)
+        return QuantWeights(job, block, accuracy_level, requantize=True, bits=bits)
+    raise UnsupportedError(fold_refusal(onnx_grid(block, bits), problems[block], job.ckpt.lambdas.values(),
                                         "pass --requantize to merge and re-quantize (min-max RTN, reports the "
                                         "added error) or use --precision fp16"))
 
@@ -162,20 +185,20 @@ def decode_check(session, decoder: dict, prompt, bound: float, steps: int = 4) -
     return LayerCheck("decoder", f"KV-cache decode vs one pass, {len(prompt) - split} steps (rel)", rel, bound)
 
 
-def dequantized_check(job: ExportJob, model_path: Path, int4: dict, session, decoder: dict, prompt,
+def dequantized_check(job: ExportJob, model_path: Path, precision: str, info: dict, session, decoder: dict, prompt,
                       bound: float) -> LayerCheck:
-    """onnxruntime against transformers running the file's own int4 weights, dequantized (float64 → float32)."""
+    """onnxruntime against transformers running the file's own int4/int8 weights, dequantized (float64 → float32)."""
     model = load_hf_model(job.base.path, torch.float32)
     try:
         with torch.no_grad():
-            for name, weight in dequantized_int4(job, model_path, int4["block_size"]):
+            for name, weight in dequantized_codes(job, model_path, info["block_size"], LOWBIT_PRECISIONS[precision]):
                 model.get_parameter(name).copy_(weight.to(torch.float32))
         expected = model_logits(model, [prompt])[0].numpy()
     finally:
         del model
     got = prompt_logits(session, decoder, prompt)
     rel = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-30))
-    return LayerCheck("decoder", "logits vs the file's int4 weights dequantized in transformers (rel)", rel, bound)
+    return LayerCheck("decoder", f"logits vs the file's {precision} weights dequantized in transformers (rel)", rel, bound)
 
 
 def genai_config(job: ExportJob, spec: DecoderSpec) -> dict:
@@ -212,8 +235,8 @@ def export(job: ExportJob, out: Path, precision: str = "fp32", block_size=None, 
     check_options(precision, block_size, accuracy_level, requantize)
     start = time.perf_counter()
     spec = DecoderSpec.from_config(job.base.config, job.base.path)
-    if precision == "int4":
-        weights = int4_weights(job, block_size, accuracy_level, requantize)
+    if precision in LOWBIT_PRECISIONS:
+        weights = lowbit_weights(job, precision, block_size, accuracy_level, requantize)
     else:
         weights = FloatWeights(job, PRECISIONS[precision])
     with atomic_dir(out) as tmp:
@@ -237,16 +260,18 @@ def export_details(job: ExportJob, precision: str, weights, external: bool, nbyt
     details = {"format": NAME, "precision": precision, "ir_version": IR_VERSION, "opset": OPSET,
                "external_data": external, "initializer_bytes": nbytes, "activations": "float32",
                "route": "graph written with onnx.helper (converters/onnx_graph.py)"}
-    if isinstance(weights, Int4Weights):
-        details["int4"] = {"mode": "requantized" if weights.requantize else "exact", "block_size": weights.block,
-                           "accuracy_level": weights.accuracy_level,
-                           "encoding": "MatMulNBits(X, q, alpha) + ReduceSum_blocks(X) @ (beta + 8 alpha)"}
+    if isinstance(weights, QuantWeights):
+        z = zero_point(weights.bits)
+        info = details[precision] = {
+            "mode": "requantized" if weights.requantize else "exact", "block_size": weights.block,
+            "accuracy_level": weights.accuracy_level, "bits": weights.bits,
+            "encoding": f"MatMulNBits(X, q, alpha) + ReduceSum_blocks(X) @ (beta + {z} alpha)"}
         if weights.requantize:
             what = "Q-BLoRA: merge-then-quantize" if job.ckpt.method == "q-blora" else "merged then re-quantized"
-            details["int4"]["note"] = f"{what} (min-max RTN, block {weights.block}): not the trained codes"
+            info["note"] = f"{what} (min-max RTN, {weights.bits}-bit, block {weights.block}): not the trained codes"
             details["ptq_error"] = weights.ptq.to_json()
         else:
-            details["int4"]["note"] = "the checkpoint's own codes and scales; QA-BLoRA update folded into offsets"
+            info["note"] = "the checkpoint's own codes and scales; QA-BLoRA update folded into offsets"
     return details
 
 
@@ -255,39 +280,46 @@ def detect(path: Path) -> bool:
     return path.is_dir() and (path / MODEL_FILE).is_file()
 
 
-def artifact_tolerance(meta: dict) -> Tolerance:
+def lowbit_info(meta: dict) -> tuple[str, dict] | None:
+    """``(precision, its block: mode, block_size, accuracy_level)`` of an int4/int8 file; None for a float one."""
     precision = meta.get("precision")
-    if precision == "int4":
-        info = meta["int4"]
-        return INT4_TOLERANCES.get((info["mode"], info["accuracy_level"]), INT4_TOLERANCES[("exact", 0)])
-    return tolerance_for_dtype(PRECISIONS.get(precision) or torch.float32)
+    return (precision, meta[precision]) if precision in LOWBIT_PRECISIONS else None
 
 
-INT4_META = {"mode": ("exact", "requantized"), "accuracy_level": ACCURACY_LEVELS, "block_size": BLOCK_SIZES}
+def artifact_tolerance(meta: dict) -> Tolerance:
+    low = lowbit_info(meta)
+    if low:
+        table = TOLERANCES[low[0]]
+        return table.get((low[1]["mode"], low[1]["accuracy_level"]), table[("exact", 0)])
+    return tolerance_for_dtype(PRECISIONS.get(meta.get("precision")) or torch.float32)
 
 
-def int4_floor(job: ExportJob, info: dict):
-    """(stream, bound) for an int4 file whose bound is measured: the base as trained WITHOUT the adapter,
+LOWBIT_META = {"mode": ("exact", "requantized"), "accuracy_level": ACCURACY_LEVELS, "block_size": BLOCK_SIZES}
+
+
+def lowbit_floor(job: ExportJob, precision: str, info: dict):
+    """(stream, bound) for an int4/int8 file whose bound is measured: the base as trained WITHOUT the adapter,
     re-quantized by the same min-max RTN when the file was (``requantized``), with MatMulNBits' int8
     activation blocks when ``accuracy_level`` is 4. None: the exact file at level 0 (table bound)."""
     requantized, level, block = info["mode"] == "requantized", info["accuracy_level"], info["block_size"]
     if not requantized and level == 0:
         return None
+    bits = LOWBIT_PRECISIONS[precision]
     base = trained_base_fn(job.plan)
 
     def weights(name: str, cache) -> torch.Tensor:
         w = base(name, cache)
         if requantized and DECODER_LINEAR.match(name):
-            return quantize_minmax(w, requant_grid(block), name).dequantize()
+            return quantize_minmax(w, requant_grid(block, bits), name).dequantize()
         return w
     linears = {n[: -len(".weight")]: Rule("int8", block, scale_dtype=None) for n in job.base.linear_names()}
     stream = Stream("onnx floor", weights, Arithmetic(linears).hooks if level == 4 else None)
-    what = " and ".join(w for w, on in (("the same 4-bit min-max re-quantization (PTQ)", requantized),
+    what = " and ".join(w for w, on in ((f"the same {bits}-bit min-max re-quantization (PTQ)", requantized),
                                         ("MatMulNBits' int8 activations (emulated)", level == 4)) if on)
 
     def bound(out: dict) -> Tolerance:
         return floor_tolerance(logit_stats(out["without"], out["onnx floor"]), what,
-                               INT4_TOLERANCES[("exact", 0)])
+                               TOLERANCES[precision][("exact", 0)])
     return stream, bound
 
 
@@ -299,14 +331,16 @@ def read_meta(path: Path) -> dict:
     meta = read_json(file)
     if meta.get("precision") not in PRECISIONS:
         raise BadInputError(f"{file}: precision must be one of {', '.join(PRECISIONS)}, got {meta.get('precision')!r}")
-    if meta["precision"] == "int4":
-        int4 = meta.get("int4")
-        if not isinstance(int4, dict):
-            raise BadInputError(f"{file}: precision int4 but no 'int4' block (mode, block_size, accuracy_level)")
-        bad = [f"{k} {int4.get(k)!r} (expected one of {', '.join(map(str, allowed))})"
-               for k, allowed in INT4_META.items() if int4.get(k) not in allowed or isinstance(int4.get(k), bool)]
+    precision = meta["precision"]
+    if precision in LOWBIT_PRECISIONS:
+        info = meta.get(precision)
+        if not isinstance(info, dict):
+            raise BadInputError(f"{file}: precision {precision} but no {precision!r} block (mode, block_size, "
+                                "accuracy_level)")
+        bad = [f"{k} {info.get(k)!r} (expected one of {', '.join(map(str, allowed))})"
+               for k, allowed in LOWBIT_META.items() if info.get(k) not in allowed or isinstance(info.get(k), bool)]
         if bad:
-            raise BadInputError(f"{file}: the 'int4' block has {'; '.join(bad)}")
+            raise BadInputError(f"{file}: the {precision!r} block has {'; '.join(bad)}")
     return meta
 
 
@@ -334,7 +368,9 @@ def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Art
     genai = read_decoder(path)
     session = onnx_session(path / MODEL_FILE)
     tolerance = artifact_tolerance(meta)
-    decode_bound = DECODE_BOUND if meta.get("int4", {}).get("accuracy_level", 0) == 0 else tolerance.max_rel
+    low = lowbit_info(meta)
+    precision, info = low if low else (meta.get("precision"), {})
+    decode_bound = DECODE_BOUND if info.get("accuracy_level", 0) == 0 else tolerance.max_rel
 
     def logits(prompts):
         return [torch.from_numpy(prompt_logits(session, genai, ids)) for ids in prompts]
@@ -342,15 +378,15 @@ def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Art
     def layer_checks() -> list[LayerCheck]:
         prompt = tokenize_prompts(job.base, DEFAULT_PROMPTS[:1])[0]
         checks = weight_checks(job, path / MODEL_FILE, meta) + [decode_check(session, genai, prompt, decode_bound)]
-        if "int4" in meta:
-            checks.append(dequantized_check(job, path / MODEL_FILE, meta["int4"], session, genai, prompt, decode_bound))
+        if info:
+            checks.append(dequantized_check(job, path / MODEL_FILE, precision, info, session, genai, prompt,
+                                            decode_bound))
         return checks
 
-    int4 = meta.get("int4", {})
-    notes = tuple(n for n in (int4.get("note"),) if n)
-    floor = int4_floor(job, int4) if int4 else None
-    return Artifact(format=NAME, path=path, description=f"ONNX decoder, {meta.get('precision')} weights"
-                    + (f" ({int4['mode']}, block {int4['block_size']}, accuracy_level {int4['accuracy_level']})"
-                       if int4 else ""), tolerance=tolerance, logits=logits, layer_checks=layer_checks, notes=notes,
-                    weight_dtype=None if int4 else PRECISIONS.get(meta.get("precision")),
+    notes = tuple(n for n in (info.get("note"),) if n)
+    floor = lowbit_floor(job, precision, info) if info else None
+    return Artifact(format=NAME, path=path, description=f"ONNX decoder, {precision} weights"
+                    + (f" ({info['mode']}, block {info['block_size']}, accuracy_level {info['accuracy_level']})"
+                       if info else ""), tolerance=tolerance, logits=logits, layer_checks=layer_checks, notes=notes,
+                    weight_dtype=None if info else PRECISIONS.get(precision),
                     streams=() if floor is None else (floor[0],), bound=None if floor is None else floor[1])

@@ -74,7 +74,7 @@ class Target:
 
 PAPER_BITS = 4
 _PAPER = re.compile(r"^paper-(\d+)x(\d+)$")
-TARGET_HELP = ("gguf-q4_1, gguf-q5_1, onnx-int4-<16|32|64|128>, mlx-<2|3|4|5|6|8>-<32|64|128>, "
+TARGET_HELP = ("gguf-q4_1, gguf-q5_1, onnx-int4-<16|32|64|128>, onnx-int8-<16|32|64|128>, mlx-<2|3|4|5|6|8>-<32|64|128>, "
                "paper-<bi>x<bo> (the paper's 2-D blocks, 16-bit export only)")
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from blora_export.spec import MinMaxGrid
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -57,20 +59,39 @@ def test_sizes_meet_the_issue():
     assert params >= 20_000_000 and small.intermediate % 256 == 0
 
 
+def test_the_8_bit_run_trains_on_a_grid_both_8_bit_folds_take():
+    from blora_export.fold import RUNTIME_GRIDS, fold_obstacles, mlx_grid, onnx_grid
+    from blora_export.train.config import parse_target
+
+    target = parse_target(fidelity.RUNS["qa-blora-8bit"]["target"])
+    assert target.grid.bits == 8 and target.grid.block_in == 32 and target.name in RUNTIME_GRIDS
+    for runtime in (onnx_grid(32, 8), mlx_grid(8, 32)):
+        assert fold_obstacles("qa-blora", target.grid, "dequantized", [(target.lambda_in, 1)], runtime) == []
+    assert fidelity_eval.grid_bits({"method": "qa-blora", "base_quant": target.grid.to_json()}) == 8
+    assert fidelity_eval.grid_bits({"method": "q-blora", "base_quant": {"scheme": "nf4"}}) is None
+
+
 @pytest.mark.slow
-def test_one_evaluation_round_on_a_sample(samples, tmp_path):
+def test_one_evaluation_round_on_a_sample(samples, make_ckpt, tmp_path):
     base, ckpt = samples / "base", samples / "qa-blora-q4_1"
+    ckpt8 = make_ckpt(base, "qa-blora", 32, 4, base_quant=MinMaxGrid(8, 1, 32), seed=11)
     paragraphs = [line for line in (samples / "corpus.txt").read_text().splitlines() if len(line) > 40]
     windows = fidelity_eval.heldout_windows(base, paragraphs, seq=16, count=2)
     assert len(windows) == 2 and all(len(w) == 16 for w in windows)
-    cells = fidelity_eval.evaluate_all(base, {"qa-blora": ckpt}, windows, tmp_path / "art")
+    cells = fidelity_eval.evaluate_all(base, {"qa-blora": ckpt, "qa-blora-8bit": ckpt8}, windows, tmp_path / "art")
     by = {(c["model"], c["artifact"]): c for c in cells}
     ref = by[("qa-blora", "torch")]["ppl"]
     for artifact in ("gguf-q4_1-fold", "onnx-int4-fold", "mlx-4-32-fold", "gguf-q4_k_m-ptq", "onnx-int4-rtn-ptq"):
         assert by[("qa-blora", artifact)]["ppl"] > 0 and by[("qa-blora", artifact)]["bytes"] > 0
     assert abs(by[("qa-blora", "onnx-int4-fold")]["ppl"] / ref - 1) < 1e-4  # exact fold, float32 activations
+    # the 8-bit model: its two exact folds (float32 offsets / biases) and llama.cpp's Q8_0 of the merge
+    assert {a for m, a in by if m == "qa-blora-8bit"} == {"torch", "onnx-int8-fold", "mlx-8bit-fold", "gguf-q8_0-ptq"}
+    ref8 = by[("qa-blora-8bit", "torch")]["ppl"]
+    for artifact in ("onnx-int8-fold", "mlx-8bit-fold"):
+        assert by[("qa-blora-8bit", artifact)]["kind"] == "fold"
+        assert abs(by[("qa-blora-8bit", artifact)]["ppl"] / ref8 - 1) < 1e-4, artifact
     table = fidelity_eval.format_table(cells + [{"model": "run", "seconds": 1.0, "machine": "test"}])
-    assert "gguf-q4_1-fold" in table and "Δppl" in table
+    assert "gguf-q4_1-fold" in table and "Δppl" in table and "qa-blora-8bit" in table
     fidelity_eval.plot(cells, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
     json.dumps(cells)

@@ -47,9 +47,12 @@ def test_tiny_shape_all_commands(tmp_path):
     result = json.loads(out.read_text())["sizes"][0]
     runs = {r["name"]: r for r in result["runs"]}
     ours = [r for r in runs.values() if not r["name"].startswith("llama.cpp")]
-    assert len(ours) == 7
+    assert len(ours) == 9
     for r in ours:
         assert r["status"] == "ok" and r["wall_s"] > 0 and r["peak_rss_gb"] > 0.01, r
+    for name in scale.VERIFY_MATCH:  # verify's wall is judged against the export it checks
+        assert "wall_vs_export" in runs[name]["extra"] and "wall <= 3x" in runs[name]["target"], runs[name]
+    assert "GGUF llama.cpp maps" in runs["verify qa.gguf --runtime llama.cpp"]["target"]
     llama = [r for r in runs.values() if r["name"].startswith("llama.cpp")]
     assert len(llama) == 2
     if isinstance(tools, str):

@@ -209,16 +209,33 @@ def bnbF():
 
 def _bnb(F, w, blocksize, dq):
     qp, st = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=dq)
-    # bnb wraps its odd-last-dim dequant fallback in torch.compile; eager computes the same
-    # values (one float32 multiply, one cast) without minutes of compilation.
-    with torch._dynamo.config.patch(disable=True):
-        deq = F.dequantize_4bit(qp, st)
+    deq = _bnb_dequantize(F, qp, st)
     p = qp.reshape(-1)
     codes = torch.stack([p >> 4, p & 15], dim=1).reshape(-1)[: w.numel()].reshape(w.shape)
     absmax = st.absmax
     if dq:
         absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
     return codes, absmax, deq
+
+
+def _bnb_dequantize(F, qp, st):
+    """bitsandbytes' own reference dequantization (its device-independent implementation: blocks of
+    ``blocksize`` over the flattened weight, what its CUDA kernel computes).
+
+    Not ``F.dequantize_4bit`` on CPU: on AVX512 machines bitsandbytes 0.50 dispatches it to a native
+    kernel that reads blocks per row, which disagrees with its own ``quantize_4bit`` whenever a row is
+    not a multiple of the block size (measured here: (7, 96) / 64 and (96, 160) / 128 differ in most
+    elements, by whole code steps). bnb wraps the reference in torch.compile; eager computes the same
+    values (one float32 multiply, one cast) without minutes of compilation.
+    """
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = st.absmax
+    if st.nested:
+        absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
+    with torch._dynamo.config.patch(disable=True):
+        return _dequantize_4bit_compute(qp.reshape(-1).view(torch.uint8), absmax.float(), st.code, st.blocksize,
+                                        st.shape, st.dtype)
 
 
 def _assert_same_as_bnb(F, w, blocksize, dq):

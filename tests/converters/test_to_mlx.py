@@ -117,6 +117,58 @@ def test_group_that_does_not_divide_the_grid_is_refused_with_a_hint(samples, tmp
     assert not (tmp_path / "x").exists()
 
 
+@pytest.fixture(scope="module")
+def qa8(samples, make_ckpt):
+    """A QA-BLoRA checkpoint on an 8-bit 1x32 min-max grid (λi = 32, λo = 4), branch-trained."""
+    return make_ckpt(samples / "base", "qa-blora", 32, 4, base_quant=MinMaxGrid(8, 1, 32), seed=11)
+
+
+@pytest.mark.slow
+def test_8_bit_grid_folds_into_mlx_8_bit_and_mlx_lm_matches_training(qa8, samples, tmp_path):
+    """Bits and group follow the checkpoint's grid (8, 32); codes one byte each in the uint32 words, α exact,
+    biases β' in float32 (the default for a branch-trained checkpoint): verify's float32 bound holds in mlx-lm."""
+    out = tmp_path / "mlx8"
+    result = api.export(qa8, out, "mlx", quiet=True)
+    assert (result.details["bits"], result.details["group_size"], result.details["bias_dtype"]) == (8, 32, "float32")
+    assert json.loads((out / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": 8,
+                                                                            "mode": "affine"}
+    tensors = load_file(str(out / "model.safetensors"))
+    from blora_export.base import BaseModel
+    name = "model.layers.0.mlp.gate_proj.weight"
+    qw = quantize_minmax(BaseModel.open(samples / "base").tensor(name), MinMaxGrid(8, 1, 32), name)
+    assert tensors[name].shape == (qw.codes.shape[0], qw.codes.shape[1] // 4)
+    assert torch.equal(tensors[name], to_mlx.pack_codes(qw.codes, 8))
+    report = verify(qa8, out)
+    assert report.passed, report.to_json()
+    assert worst(report, "codes differing") == 0 and worst(report, "mlx.dequantize") == 0
+    assert report.tolerance.max_rel == 1e-5 and report.logits.max_rel < 1e-5  # measured 2.1e-6
+    assert report.adapter_effect > 0.5
+
+
+@pytest.mark.slow
+def test_8_bit_fold_without_the_update_fails(qa8, tmp_path):
+    """The fold dropped (biases = the grid's β, the base without the adapter): verify must fail."""
+    out = tmp_path / "mlx8"
+    api.export(qa8, out, "mlx", quiet=True)
+    job = api.open_job(qa8, quiet=True)
+    tensors = load_file(str(out / "model.safetensors"))
+    for module in job.ckpt.modules.values():
+        qw = quantize_minmax(job.base.tensor(module.weight_name), job.ckpt.base_quant, module.weight_name)
+        tensors[module.name + ".biases"] = to_row_blocks(qw, 32)[1].float()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "mlx"})
+    report = run_verify(job, to_mlx.open_artifact(out, job))
+    assert not report.layers_passed and not report.logits_passed
+    assert report.logits.max_rel > 100 * report.tolerance.max_rel
+
+
+def test_8_bit_grid_refuses_other_widths_naming_what_folds(qa8, tmp_path):
+    with pytest.raises(UnsupportedError, match=r"the grid has 8-bit codes, MLX 4-bit group 32 stores 4-bit codes "
+                                               r"\(an 8-bit grid folds into to-onnx --precision int8, "
+                                               r"to-safetensors --layout mlx --bits 8\).*--requantize"):
+        api.export(qa8, tmp_path / "x", "mlx", bits=4, quiet=True)
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.slow
 def test_requantize_is_min_max_of_the_exact_merge_and_reports_its_error(samples, tmp_path):
     out = tmp_path / "ptq"

@@ -1,9 +1,10 @@
 """ONNX decoders: onnxruntime (and onnxruntime-genai) reproduce the training-time logits.
 
-fp32 matches the training-time model to float32 noise; int4 QA-BLoRA exports the checkpoint's
-own codes and scales with the update folded into float32 block offsets and matches to ~1e-6;
-decoding with the KV cache equals the one-pass logits (also left-padded in a batch); an
-offset without the +8α makes both the per-layer check and the logits fail.
+fp32 matches the training-time model to float32 noise; int4 (int8) QA-BLoRA on a 4-bit (8-bit)
+min-max grid exports the checkpoint's own codes and scales with the update folded into float32
+block offsets and matches to ~1e-6; decoding with the KV cache equals the one-pass logits (also
+left-padded in a batch); an offset without the +8α (+128α), or without the fold, makes both the
+per-layer check and the logits fail.
 """
 import json
 
@@ -16,6 +17,7 @@ import torch
 from blora_export import api
 from blora_export.errors import UnsupportedError
 from blora_export.numerics import logit_stats
+from blora_export.quant import quantize_minmax, to_row_blocks
 from blora_export.reference import (
     DEFAULT_PROMPTS,
     adapter_branches,
@@ -26,7 +28,7 @@ from blora_export.reference import (
 )
 from blora_export.spec import MinMaxGrid
 from converters import onnx_weights, to_onnx
-from converters.onnx_graph import IR_VERSION, OPSET, Graph, Int4Linear, linear
+from converters.onnx_graph import IR_VERSION, OPSET, Graph, QuantLinear, linear
 
 FLOAT_NOISE = 1e-5  # float32: measured 1-5e-6 relative on all models here
 
@@ -84,17 +86,28 @@ def qa_job(samples):
     return api.open_job(samples / "qa-blora-q4_1", quiet=True)
 
 
-def test_int4_encoding_runs_in_matmulnbits():
-    """Our packing and ``α·(q−8) + (β+8α)`` in a lone MatMulNBits equal ``x @ (αq + β)ᵀ``."""
-    gen = torch.Generator().manual_seed(0)
-    n, k, t = 24, 64, 16
-    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+@pytest.fixture(scope="module")
+def qa8(samples, make_ckpt):
+    """A QA-BLoRA checkpoint on an 8-bit 1x32 min-max grid (λi = 32, λo = 4), on the sample base."""
+    return make_ckpt(samples / "base", "qa-blora", 32, 4, base_quant=MinMaxGrid(8, 1, 32), seed=11)
+
+
+@pytest.mark.parametrize("bits, t", [(4, 16), (8, 16), (8, 32)])
+def test_lowbit_encoding_runs_in_matmulnbits(bits, t):
+    """Our packing and ``α·(q−z) + (β+zα)`` (z = 8 for int4, 128 for int8) in a lone MatMulNBits equal
+    ``x @ (αq + β)ᵀ``."""
+    gen = torch.Generator().manual_seed(bits)
+    n, k, z = 24, 64, onnx_weights.zero_point(bits)
+    assert z == {4: 8, 8: 128}[bits]
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen, dtype=torch.uint8)
     alpha = torch.rand(n, k // t, generator=gen, dtype=torch.float64).to(torch.float16).double()
     beta = (-torch.rand(n, k // t, generator=gen, dtype=torch.float64)).to(torch.float16).double()
     weight = torch.repeat_interleave(alpha, t, 1) * codes.double() + torch.repeat_interleave(beta, t, 1)
-    data = Int4Linear(packed=onnx_weights.pack_int4(codes, t), scales=alpha.float().numpy(),
-                      offsets_t=(beta + 8 * alpha).T.float().contiguous().numpy(), block_size=t, accuracy_level=0)
-    assert torch.equal(onnx_weights.unpack_int4(data.packed), codes)
+    data = QuantLinear(packed=onnx_weights.pack_codes(codes, t, bits), scales=alpha.float().numpy(),
+                       offsets_t=(beta + z * alpha).T.float().contiguous().numpy(), block_size=t, accuracy_level=0,
+                       bits=bits)
+    assert data.packed.shape == (n, k // t, t * bits // 8)
+    assert torch.equal(onnx_weights.unpack_codes(data.packed, bits), codes)
 
     class Store:
         def __init__(self):
@@ -169,18 +182,99 @@ def test_int4_block_16_is_exact_too(samples, export, reference):
 
 def test_int4_offset_without_8_alpha_fails(samples, tmp_path, reference, monkeypatch):
     """β+ΔW instead of β+ΔW+8α (the default zero point forgotten): the checks must catch it."""
-    exact = onnx_weights.exact_int4
+    exact = onnx_weights.exact_codes
 
-    def wrong(job, name, block):
-        codes, alpha, offsets = exact(job, name, block)
-        return codes, alpha, offsets - onnx_weights.ZERO_POINT * alpha.double()
+    def wrong(job, name, block, bits):
+        codes, alpha, offsets = exact(job, name, block, bits)
+        return codes, alpha, offsets - onnx_weights.zero_point(bits) * alpha.double()
 
-    monkeypatch.setattr(onnx_weights, "exact_int4", wrong)
+    monkeypatch.setattr(onnx_weights, "exact_codes", wrong)
     job = api.open_job(samples / "qa-blora-q4_1", quiet=True)
     to_onnx.export(job, tmp_path / "bad", precision="int4")
     stats, _ = compare(reference, job, tmp_path / "bad")
     assert stats.max_rel > 100 * FLOAT_NOISE
     assert any("β+ΔW+8α" in c.check for c in failed(to_onnx.open_artifact(tmp_path / "bad", job).layer_checks()))
+
+
+def test_int8_qa_blora_on_an_8_bit_grid_is_exact(qa8, export, reference):
+    """The checkpoint's own 8-bit codes (one per byte) and α, β+ΔW+128α in float32: the float32 bound."""
+    job, out = export(qa8, precision="int8")
+    info = json.loads((out / "blora_export.json").read_text())
+    assert info["precision"] == "int8" and "int4" not in info
+    meta = info["int8"]
+    assert (meta["mode"], meta["block_size"], meta["accuracy_level"], meta["bits"]) == ("exact", 32, 0, 8)
+    node = next(n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits")
+    assert {a.name: a.i for a in node.attribute}["bits"] == 8 and len(node.input) == 3  # no zero_points input
+    stats, effect = compare(reference, job, out)
+    assert stats.max_rel <= FLOAT_NOISE and stats.top1_agreement == 1.0, stats
+    assert effect > 1000 * FLOAT_NOISE
+    checks = to_onnx.open_artifact(out, job).layer_checks()
+    assert not failed(checks)
+    codes = [c for c in checks if "int8 codes" in c.check]
+    assert len(codes) == len(job.ckpt.modules) and all(c.value == 0 for c in codes)
+    report = api.verify(qa8, out, quiet=True)
+    assert report.passed and report.tolerance.max_rel == FLOAT_NOISE, report.to_json()
+
+
+@pytest.mark.parametrize("breakage", ["no fold", "int4 zero point"])
+def test_int8_broken_fold_fails(qa8, tmp_path, reference, monkeypatch, breakage):
+    """The fold dropped (offsets β+128α: the base without the adapter), or int4's zero point 8 used for int8
+    (β+ΔW+8α): the per-layer offset check and the logits must both fail."""
+    exact = onnx_weights.exact_codes
+
+    def wrong(job, name, block, bits):
+        codes, alpha, offsets = exact(job, name, block, bits)
+        if breakage == "int4 zero point":
+            return codes, alpha, offsets - (onnx_weights.zero_point(bits) - 8) * alpha.double()
+        qw = quantize_minmax(job.base.tensor(name).float(), job.plan.base_quant, name)
+        beta = to_row_blocks(qw, block)[1].double()
+        return codes, alpha, beta + onnx_weights.zero_point(bits) * alpha.double()
+
+    monkeypatch.setattr(onnx_weights, "exact_codes", wrong)
+    job = api.open_job(qa8, quiet=True)
+    to_onnx.export(job, tmp_path / "bad", precision="int8")
+    report = api.verify(qa8, tmp_path / "bad", quiet=True)
+    assert not report.passed and not report.logits_passed
+    assert report.logits.max_rel > 100 * FLOAT_NOISE
+    assert any("β+ΔW+128α" in c.check for c in report.layers if not c.passed)
+
+
+def test_int8_refusals_name_what_would_work(samples, qa8, tmp_path):
+    """A 4-bit checkpoint asked for int8 (and an 8-bit one for int4): one line naming the exports that fold it."""
+    with pytest.raises(UnsupportedError) as info:
+        to_onnx.export(api.open_job(samples / "qa-blora-q4_1", quiet=True), tmp_path / "x", precision="int8")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "the grid has 4-bit codes, MatMulNBits int8 block 32 stores 8-bit codes" in message
+    assert "to-onnx --precision int4" in message and "--requantize" in message
+    with pytest.raises(UnsupportedError, match=r"the grid has 8-bit codes.*to-onnx --precision int8"):
+        to_onnx.export(api.open_job(qa8, quiet=True), tmp_path / "x", precision="int4")
+    with pytest.raises(UnsupportedError, match=r"runtime block 64 does not divide the grid's block_in 32"):
+        to_onnx.export(api.open_job(qa8, quiet=True), tmp_path / "x", precision="int8", block_size=64)
+    assert not (tmp_path / "x").exists()
+
+
+def test_int8_requantize_is_rtn_of_exact_merge(samples, export):
+    """Q-BLoRA to int8: merge, 8-bit min-max RTN, error reported (about 16x below int4's) and checked."""
+    job, out = export(samples / "q-blora-nf4", precision="int8", requantize=True)
+    info = json.loads((out / "blora_export.json").read_text())
+    assert info["int8"]["mode"] == "requantized" and "8-bit" in info["int8"]["note"]
+    _, out4 = export(samples / "q-blora-nf4", precision="int4", requantize=True)
+    err4 = json.loads((out4 / "blora_export.json").read_text())["ptq_error"]["weight_max_rel"]
+    assert 0 < info["ptq_error"]["weight_max_rel"] < err4 / 8
+    checks = to_onnx.open_artifact(out, job).layer_checks()
+    assert not failed(checks)
+    assert all(c.value == 0 for c in checks if "int8 codes" in c.check)
+
+
+def test_int8_accuracy_level_4_within_its_floor(qa8, export, reference):
+    """int8 activations (accuracy_level 4) on int8 weights: verify bounds it by the emulated activation floor."""
+    job, out = export(qa8, precision="int8", accuracy_level=4)
+    stats, _ = compare(reference, job, out)
+    assert 1e-4 < stats.max_rel  # int8 activations really are used
+    report = api.verify(qa8, out, quiet=True)
+    assert report.passed, report.to_json()
+    assert stats.max_rel <= report.tolerance.max_rel
 
 
 def test_int4_accuracy_level_4_within_measured_bound(samples, export, reference):
@@ -272,7 +366,7 @@ def test_refusals_name_what_would_work(samples, tmp_path):
         to_onnx.export(api.open_job(samples / "paper-qa-blora", quiet=True), tmp_path / "x", precision="int4")
     with pytest.raises(UnsupportedError, match=r"Q-BLoRA .* merge-then-quantize.*--requantize"):
         to_onnx.export(api.open_job(samples / "q-blora-nf4", quiet=True), tmp_path / "x", precision="int4")
-    with pytest.raises(UnsupportedError, match="int4 only"):
+    with pytest.raises(UnsupportedError, match="int4 / int8 only"):
         to_onnx.export(qa, tmp_path / "x", precision="fp16", block_size=32)
     assert not (tmp_path / "x").exists()
 
@@ -323,11 +417,11 @@ def greedy_reference(job, prompt, steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_onnxruntime_genai_greedy_generation(samples, export, precision):
+@pytest.mark.parametrize("precision", ["fp32", "int4", "int8"])
+def test_onnxruntime_genai_greedy_generation(samples, qa8, export, precision):
     import onnxruntime_genai as og  # a declared test dependency (.ci/run installs onnxruntime-genai)
 
-    job, out = export(samples / "qa-blora-q4_1", precision=precision)
+    job, out = export(qa8 if precision == "int8" else samples / "qa-blora-q4_1", precision=precision)
     prompt = tokenize_prompts(job.base, DEFAULT_PROMPTS[2:3])[0]
     steps = 16
     model = og.Model(str(out))

@@ -14,6 +14,8 @@ from blora_export.train.config import TrainConfig, parse_target, resolve_spec
     ("onnx-int4-128", MinMaxGrid(4, 1, 128), 128, 4, 128),
     ("mlx-3-64", MinMaxGrid(3, 1, 64), 64, 4, 64),
     ("mlx-8-32", MinMaxGrid(8, 1, 32), 32, 4, 32),
+    ("onnx-int8-32", MinMaxGrid(8, 1, 32), 32, 4, 32),
+    ("onnx-int8-16", MinMaxGrid(8, 1, 16), 16, 4, 16),
     ("paper-4x8", MinMaxGrid(4, 8, 4), 4, 8, None),
 ])
 def test_target_table_defaults_fold_exactly(name, grid, li, lo, block):
@@ -26,7 +28,8 @@ def test_target_table_defaults_fold_exactly(name, grid, li, lo, block):
         assert runtime_fold_problems(grid, li, lo, block) == []
 
 
-@pytest.mark.parametrize("name", ["gguf-q4_0", "onnx-int4-24", "mlx-7-32", "mlx-4-16", "paper-0x8", "q4"])
+@pytest.mark.parametrize("name", ["gguf-q4_0", "onnx-int4-24", "onnx-int8-24", "onnx-int2-32", "mlx-7-32", "mlx-4-16",
+                                  "paper-0x8", "q4"])
 def test_unknown_target_names_the_known_ones(name):
     with pytest.raises(UnsupportedError, match="gguf-q4_1, gguf-q5_1, onnx-int4-"):
         parse_target(name)
@@ -77,7 +80,8 @@ def test_q_blora_refuses_a_target():
 
 
 @pytest.mark.parametrize("target, default", [("gguf-q4_1", True), ("gguf-q5_1", True), ("mlx-4-64", True),
-                                             ("onnx-int4-32", False), ("paper-4x8", False)])
+                                             ("mlx-8-32", True), ("onnx-int4-32", False), ("onnx-int8-32", False),
+                                             ("paper-4x8", False)])
 def test_fold_aware_default_follows_how_the_runtime_stores_beta(target, default):
     assert resolve_spec(cfg("qa-blora", target=target), "llama").fold_aware is default
     assert resolve_spec(cfg("qa-blora", target=target, fold_aware=not default), "llama").fold_aware is not default

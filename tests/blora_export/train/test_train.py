@@ -87,10 +87,12 @@ LOW_BIT = [  # (format, --target, export options, the exported file computes the
     ("gguf", "gguf-q4_1", {}, False),  # exact Linears, but the GGUF keeps the float32 embeddings/head in F16
     ("mlx", "mlx-4-32", {}, True),  # fp16 biases = the fold-aware β' (fold-aware by default)
     ("onnx", "onnx-int4-32", {"precision": "int4", "block_size": 32}, True),  # float32 offsets (branch by default)
+    ("mlx", "mlx-8-32", {}, True),  # 8-bit: fp16 biases = the fold-aware β'
+    ("onnx", "onnx-int8-32", {"precision": "int8"}, True),  # 8-bit codes, float32 β+ΔW+128α (branch by default)
 ]
 
 
-@pytest.mark.parametrize("fmt, target, options, exact", LOW_BIT, ids=[f[0] for f in LOW_BIT])
+@pytest.mark.parametrize("fmt, target, options, exact", LOW_BIT, ids=[f[1] for f in LOW_BIT])
 def test_low_bit_exports_pass_verify_and_compute_the_trained_function(samples, tmp_path, fmt, target, options,
                                                                      exact):
     ckpt_dir = tmp_path / "ckpt"
