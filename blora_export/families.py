@@ -10,13 +10,14 @@ llama.cpp's converter and onnxruntime-genai's builder):
   (Qwen3's ``q_norm`` / ``k_norm``);
 * ``norm_offset``: the constant the runtime adds to every stored norm weight (0: ``x·w``);
 * multipliers (:func:`scales`), each the config key it is read from (``None``: the family has none):
-  ``embedding_scale`` on the token embeddings (Granite's ``embedding_multiplier``; Gemma will use
+  ``embedding_scale`` on the token embeddings (Granite's ``embedding_multiplier``; Gemma's
   :data:`SQRT_HIDDEN`), ``attention_scale`` replacing ``head_dim^-0.5`` on the attention scores,
   ``residual_scale`` on each sublayer's output before the residual add, ``logit_divisor`` the
   logits are divided by (Granite's ``logits_scaling``) and ``final_softcap`` (Gemma 2:
-  ``cap·tanh(logits/cap)``). The embedding multiplier, the divisor and the softcap sit in the
+  ``cap·tanh(logits/cap)``). Granite's embedding multiplier, the divisor and the softcap sit in the
   Hugging Face model's ``forward`` outside its parts, so verify's streamed forward applies them
-  from here (:mod:`blora_export.stream`); the other two are inside the decoder layer module;
+  from here (:mod:`blora_export.stream`; Gemma's embedding module scales by itself); the others
+  are inside the decoder layer module;
 * ``no_rope_key``: the config key of a per-layer list, 1 where the layer rotates q/k and 0 where it
   does not (SmolLM3's ``no_rope_layers``);
 * ``query_scalar``: the config key ``q`` of an attention scale ``q^-0.5`` (Gemma's
