@@ -52,6 +52,10 @@ class PartCache:
             self._values[key] = compute()
         return self._values[key]
 
+    def forget_base(self, name: str) -> None:
+        """Drop the base tensor ``name`` (once what the streams need has been derived from it)."""
+        self._values.pop(("base", name), None)
+
     def has(self, key) -> bool:
         return key in self._values
 

@@ -169,8 +169,9 @@ def merge_stream(job: ExportJob, dtype: torch.dtype, checks: list[LayerCheck]) -
         if module is None:
             return base(name, cache).to(dtype)
         trained = None if job.plan.folded else base(name, cache)
+        weight = cache.tensor(name) if job.plan.folded else trained  # the raw tensor only where it is used
         with one_thread():
-            merged = merged_weight(name, cache.tensor(name), job.ckpt, job.plan, dtype, trained=trained)
+            merged = merged_weight(name, weight, job.ckpt, job.plan, dtype, trained=trained)
         _, ratio = reference_rounding(job, module, cache, dtype, candidate=merged)
         checks.append(LayerCheck(name, f"|w - exact| / ulp({str(dtype)[6:]})", ratio, HALF_ULP_LIMIT))
         return merged
