@@ -12,7 +12,6 @@ Q/K rows are compared in llama.cpp's order (the expectation is permuted like the
 from __future__ import annotations
 
 import mmap
-
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
