@@ -113,8 +113,9 @@ CHECK_CHUNK_ELEMENTS = 1 << 20
 
 
 def exact_trained_columns(job: ExportJob, module: AdapterModule, cache: PartCache) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(c0, c1, W_exact[:, c0:c1])``: the adapted weight the training-time model computes with,
-    float64, a few input columns at a time (never the whole float64 tensor).
+    """``(c0, c1, W_exact[:, c0:c1].T)``: the adapted weight the training-time model computes with,
+    float64, a few input columns at a time (never the whole float64 tensor), each chunk transposed
+    to a contiguous ``[c1 - c0, out]`` tensor (one strided gather; every later pass is contiguous).
 
     Branch training: ``trained_base(W) + ΔW`` with ``ΔW`` read off the branch itself,
     ``ΔW[:, c0:c1].T = branch(I[c0:c1])`` (independent of ``delta_weight``). Fold-aware
@@ -129,11 +130,11 @@ def exact_trained_columns(job: ExportJob, module: AdapterModule, cache: PartCach
     step = max(1, CHECK_CHUNK_ELEMENTS // rows)
     for c0 in range(0, cols, step):
         c1 = min(c0 + step, cols)
-        exact = weights[:, c0:c1].to(torch.float64)
+        exact = weights[:, c0:c1].T.to(torch.float64, memory_format=torch.contiguous_format)
         if not job.plan.folded:
             eye = torch.zeros(c1 - c0, cols, dtype=torch.float64)
             eye[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1.0
-            exact += adapter_forward(eye, module).T
+            exact += adapter_forward(eye, module)
         yield c0, c1, exact
 
 
@@ -151,10 +152,10 @@ def reference_rounding(job: ExportJob, module: AdapterModule, cache: PartCache, 
     ratio = 0.0
     rounded = torch.empty((module.out_features, module.in_features), dtype=dtype)
     with one_thread():
-        for c0, c1, exact in exact_trained_columns(job, module, cache):
-            rounded[:, c0:c1] = round_to(exact, dtype)
+        for c0, c1, exact_t in exact_trained_columns(job, module, cache):
+            rounded[:, c0:c1] = round_to(exact_t, dtype).T
             if candidate is not None:
-                ratio = max(ratio, half_ulp_ratio(candidate[:, c0:c1], exact))
+                ratio = max(ratio, half_ulp_ratio(candidate[:, c0:c1].T.contiguous(), exact_t))
     cache.put(key, rounded)
     return rounded, ratio
 
