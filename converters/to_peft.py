@@ -189,6 +189,7 @@ def export(job: ExportJob, out: Path, layout: str = "peft") -> ExportResult:
         raise UnsupportedError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout == "mlx":  # the adapter runs in mlx-lm's model of the family
         require_format(job.base.config, "mlx")
+        rope_overrides(job.base.config)  # refuses what mlx-lm's model of the family cannot compute
     start = time.perf_counter()
     with atomic_dir(out) as tmp:
         info = write_peft(job, tmp, Path(out)) if layout == "peft" else write_mlx(job, tmp)
