@@ -27,7 +27,8 @@ import torch
 from blora_export.base import TensorFolder, read_json
 from blora_export.delta import delta_weight
 from blora_export.errors import BadInputError, UnsupportedError
-from blora_export.families import attention_window, family
+from blora_export.emulate import mlx_embedding_floor, mlx_embedding_hooks
+from blora_export.families import attention_window
 from blora_export.fold import fold_obstacles, fold_refusal, mlx_grid
 from blora_export.hf_folder import PROVENANCE_FILE, provenance, rope_overrides, write_hf_config, write_shards
 from blora_export.io import atomic_dir
@@ -252,6 +253,7 @@ def export(job: ExportJob, out: Path, bits: Optional[int] = None, group_size: Op
            bias_dtype: Optional[str] = None, requantize: bool = False) -> ExportResult:
     start = time.perf_counter()
     check_window(job)
+    rope_overrides(job.base.config)  # refuses what mlx-lm's model of the family cannot compute, before writing
     if bias_dtype is None:
         bias_dtype = default_bias_dtype(job)
         log.info("MLX scales/biases: %s (%s)", bias_dtype, "exact: the checkpoint trained with float16 β'"
@@ -383,49 +385,15 @@ def ptq_stream(job: ExportJob, mplan: MlxPlan) -> Stream:
     def weights(name: str, cache) -> torch.Tensor:
         w = base(name, cache)
         return quantize_minmax(w, mplan.target_grid(), name).dequantize() if is_quantized_linear(name) else w
-    return Stream("mlx ptq floor", weights, embedding_scale_hooks(job))
-
-
-#: mlx-lm models that multiply the token embeddings by √hidden_size rounded to bfloat16
-#: (models/gemma3_text.py: ``mx.array(hidden_size**0.5, mx.bfloat16)``); transformers uses it in the
-#: weights' dtype (float32 here), so the two differ by up to 2^-9 relative on the embeddings.
-BF16_EMBEDDING_SCALE = ("gemma3_text",)
-
-
-def embedding_scale_hooks(job: ExportJob) -> Optional[Callable]:
-    """Hooks that give a floor stream mlx-lm's bfloat16 √hidden embedding scale (``None``: the family's
-    mlx-lm model scales as transformers does)."""
-    config = job.base.config
-    if family(config.get("model_type")).mlx_model not in BF16_EMBEDDING_SCALE:
-        return None
-    exact = float(config["hidden_size"]) ** 0.5
-    ratio = float(torch.tensor(exact, dtype=torch.bfloat16).float()) / exact
-
-    def hooks(module: torch.nn.Module, prefix: str) -> list:
-        if prefix != "model.embed_tokens":
-            return []
-        return [module.register_forward_hook(lambda _m, _a, out: out * ratio)]
-    return hooks
-
-
-def with_embedding_floor(job: ExportJob, static: Tolerance, streams: tuple,
-                         bound: Optional[Callable]) -> tuple[Tolerance, tuple, Optional[Callable]]:
-    """An exact fold judged against mlx-lm's bfloat16 embedding scale where its model has one: the floor is
-    the base as trained computed with that scale (a re-quantized export's PTQ floor already has it)."""
-    hooks = embedding_scale_hooks(job)
-    if hooks is None or streams:
-        return static, streams, bound
-    floor = Stream("mlx embedding floor", trained_base_fn(job.plan), hooks)
-
-    def floor_bound(out: dict) -> Tolerance:
-        return floor_tolerance(logit_stats(out["without"], out[floor.name]),
-                               "mlx-lm's √hidden embedding scale rounded to bfloat16", static)
-    return static, (floor,), floor_bound
+    return Stream("mlx ptq floor", weights, mlx_embedding_hooks(job.base.config))
 
 
 def tolerance(job: ExportJob, path: Path, mplan: MlxPlan) -> tuple[Tolerance, tuple, Optional[Callable]]:
     """(static bound, floor streams, bound from the streams' logits)."""
-    return with_embedding_floor(job, *_tolerance(job, path, mplan))
+    static, streams, bound = _tolerance(job, path, mplan)
+    if streams:  # a re-quantized export's PTQ floor has mlx-lm's embedding scale already
+        return static, streams, bound
+    return mlx_embedding_floor(job, static, bound)
 
 
 def _tolerance(job: ExportJob, path: Path, mplan: MlxPlan) -> tuple[Tolerance, tuple, Optional[Callable]]:
