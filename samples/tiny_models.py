@@ -627,7 +627,8 @@ def make_base(
     q/k norms and head_dim 48 != hidden/heads; "granite" has its four multipliers, GRANITE_SCALES;
     "smollm3" skips the rotation on every 4th layer and has 4 layers unless ``num_layers`` says
     otherwise; every other arch has 2; "gemma2" has GEMMA2_CONVENTIONS and, unless told otherwise, a
-    tied head; "gemma3_text" has GEMMA3_CONVENTIONS, 3 layers (local, local, global) and a tied head). ``sliding_window`` (mistral only) sets one attention window.
+    tied head; "gemma3_text" has GEMMA3_CONVENTIONS, 3 layers (local, local, global) and a tied head).
+    ``sliding_window`` (mistral only) sets one attention window.
 
     The folder holds config.json, generation_config.json, model.safetensors (or
     model-0000k-of-0000n.safetensors + model.safetensors.index.json when shards > 1) and the

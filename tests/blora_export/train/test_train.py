@@ -154,7 +154,8 @@ def test_branch_training_function_is_the_verify_reference(samples, tmp_path):
 @pytest.mark.parametrize("arch", ["granite", "smollm3", "gemma2", "gemma3_text"])
 def test_other_families_train_to_the_verify_reference(samples, tiny_base, tmp_path, arch):
     """Granite (multipliers in and outside the decoder layers), SmolLM3 (NoPE layers), Gemma 2 (scaled
-    embedding module, final softcap) and Gemma 3 (a rotation per layer kind): the function training computes is verify's streamed reference, bit for bit."""
+    embedding module, final softcap) and Gemma 3 (a rotation per layer kind): the function training computes is
+    verify's streamed reference, bit for bit."""
     base_dir = tiny_base(arch)
     path = tmp_path / arch
     train(config(samples, path, "qa-blora", steps=5, fold_aware=False, base=base_dir))
