@@ -25,7 +25,9 @@ nothing of llama.cpp is in this repository. Its converter runs with the sdist's 
 and needs ``torch numpy sentencepiece transformers`` (already installed with blora-export). When the tools
 are not built, the llama.cpp rows are reported as skipped, with the reason.
 
-Synthetic models and outputs are deleted at the end unless ``--keep`` (the llama.cpp build
+Each command's output is deleted once it has run (a 7B run's outputs would not fit a disk
+together; ``qa.gguf`` stays for ``verify``) unless ``--keep-outputs``; the synthetic models and
+what is left are deleted at the end unless ``--keep`` (the llama.cpp build
 stays: it is a cache). Not run in CI except as a tiny-shape smoke test.
 """
 from __future__ import annotations
@@ -248,7 +250,7 @@ def judge(run: Run, group: str, size: str, llama_wall: float | None, largest_gb:
         run.met = None  # targets are for real sizes
 
 
-def bench_size(size: str, commands: set[str], workdir: Path, keep: bool) -> dict:
+def bench_size(size: str, commands: set[str], workdir: Path, keep: bool, keep_outputs: bool = False) -> dict:
     """Build (or reuse) one size's base and checkpoints, run everything, return the rows."""
     root = workdir / "models" / size
     t0 = time.perf_counter()
@@ -277,7 +279,7 @@ def bench_size(size: str, commands: set[str], workdir: Path, keep: bool) -> dict
                          "cpu_vs_llama_cpp": (run.user_s + run.sys_s) / llama_cpu}
         runs.append(run)
         print(f"  {name}: {run.status} {run.wall_s:.1f} s {run.peak_rss_gb:.2f} GB {run.note}", flush=True)
-        if not keep:  # a 7B run's outputs would not fit the disk together; only verify reads one back
+        if not keep_outputs:  # a 7B run's outputs would not fit the disk together; only verify reads one back
             for child in out.iterdir():
                 if child.name != "qa.gguf":
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -325,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1.1b", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--commands", default=",".join(COMMANDS), help=f"comma-separated, of {', '.join(COMMANDS)}")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    ap.add_argument("--keep", action="store_true", help="keep the synthetic models and outputs")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic models (and the outputs left)")
+    ap.add_argument("--keep-outputs", action="store_true", help="keep every command's output (disk: ~4x the base at 7B)")
     ap.add_argument("--json", help="write the results as JSON here ('-' for stdout)")
     ap.add_argument("--build-llama-cpp", action="store_true", help="fetch and build llama.cpp's tools, then exit")
     args = ap.parse_args(argv)
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"environment": environment(), "sizes": []}
     for size in sizes:
         print(f"# {size}", flush=True)
-        results["sizes"].append(bench_size(size, commands, args.workdir, args.keep))
+        results["sizes"].append(bench_size(size, commands, args.workdir, args.keep, args.keep_outputs))
         print(table(results["sizes"][-1]) + "\n", flush=True)
     if args.json == "-":
         print(json.dumps(results, indent=2))

@@ -57,7 +57,7 @@ from blora_export.spec import MinMaxGrid
 from blora_export.stream import Stream, StreamedForward
 from blora_export.tolerance import Tolerance, floor_tolerance, tolerance_for_dtype
 
-from .gguf_checks import _layout, _tensors, layer_checks, lora_pairs, unpermute_rows
+from .gguf_checks import _layout, _tensors, layer_checks, lora_pairs, read_raw, unpermute_rows
 from .gguf_kquant import ENCODING as KQUANT_ENCODING
 from .gguf_model import permute_heads
 from .gguf_quants import GGUF_TYPES, TYPE_BY_QTYPE, dequantize, quantize
@@ -208,7 +208,7 @@ def file_types(path: Path, job: ExportJob) -> dict[str, GGMLQuantizationType]:
 def gguf_weights(path: Path, job: ExportJob):
     """What the file holds, dequantized exactly by gguf-py, by Hugging Face name (Q/K rows un-permuted)."""
     arch, hp, tmap = _layout(job)
-    _, tensors = _tensors(path)
+    reader, tensors = _tensors(path)
 
     def weights(name: str, _cache) -> torch.Tensor:
         gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -218,7 +218,7 @@ def gguf_weights(path: Path, job: ExportJob):
             raise BadInputError(f"{path} has no tensor {gname} (for {name})")
         t = tensors[gname]
         shape = job.base.shape(name if name in job.base.shards else "model.embed_tokens.weight")
-        value = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        value = dequantize(read_raw(reader, t), t.tensor_type).reshape(shape)
         if value.ndim == 1 and arch.family.norm_offset:  # the file stores offset + w (Gemma's 1 + w)
             value = value - arch.family.norm_offset
         return unpermute_rows(value, permute_heads(gname, arch, hp))
