@@ -123,6 +123,7 @@ def check_llama_cpp_conventions(config: dict) -> None:
     n, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
     scale = (int(config["hidden_size"]) // heads if n == fixed.big_layers else head_dim(config)) ** -0.5
     local = [i for i, kind in enumerate(layer_kinds(config)) if kind == "sliding_attention"]
+    local_rope = rope_parameters(config, "sliding_attention")
     problems = [f"local layers {[i for i, w in enumerate(windows) if w]} (llama.cpp: every {period}th from 0)"
                 if windows != expected else "",
                 f"local layers {local} without a window (llama.cpp rotates them with the local base only in "
@@ -132,7 +133,9 @@ def check_llama_cpp_conventions(config: dict) -> None:
                 "no attention or final softcap (llama.cpp's graph applies both)"
                 if fixed.score_softcap and not (sc.attn_softcap and sc.final_softcap) else "",
                 "an attention softcap (llama.cpp's graph has none)" if not fixed.score_softcap and sc.attn_softcap
-                else ""]
+                else "",
+                f"rope scaling {local_rope['rope_type']!r} on the local layers (llama.cpp scales the global ones only)"
+                if fam.layer_rope and local_rope["rope_type"] != "default" else ""]
     problems = [p for p in problems if p]
     if problems:
         raise UnsupportedError(f"{fam.model_type}: llama.cpp's {fam.gguf_arch.lower()} graph fixes what this config "
@@ -272,11 +275,7 @@ def write_windows(writer: GGUFWriter, config: dict) -> None:
     writer.add_sliding_window(max(w or 0 for w in windows))
     if fam.layer_rope:
         writer.add_sliding_window_pattern([w is not None for w in windows])
-        local = rope_parameters(config, "sliding_attention")
-        if local["rope_type"] != "default":
-            raise UnsupportedError(f"{fam.model_type}: rope scaling {local['rope_type']!r} on the local layers "
-                                   "(llama.cpp scales the global layers only); export to ONNX")
-        writer.add_rope_freq_base_swa(float(local["rope_theta"]))
+        writer.add_rope_freq_base_swa(float(rope_parameters(config, "sliding_attention")["rope_theta"]))
 
 
 def permutation(rows: int, n_head: int) -> torch.Tensor:

@@ -186,13 +186,39 @@ def _changed_base(tiny_base, make_ckpt, tmp_path, **change):
      "global layers [0] are not every n-th"),
     ({"final_logit_softcapping": 30.0}, ("to-safetensors", "--layout", "mlx"), "final_logit_softcapping 30.0"),
     ({"final_logit_softcapping": 30.0}, ("to-peft", "--layout", "mlx"), "final_logit_softcapping 30.0"),
-], ids=["gguf-attention-scale", "gguf-score-softcap", "mlx-pattern", "mlx-final-softcap", "mlx-lora-final-softcap"])
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     ("to-gguf", "--type", "f32"), "rope scaling 'linear' on the local layers"),
+], ids=["gguf-attention-scale", "gguf-score-softcap", "mlx-pattern", "mlx-final-softcap", "mlx-lora-final-softcap",
+        "gguf-local-rope-scaling"])
 def test_gemma3_is_refused_where_its_runtime_would_run_another_model(tiny_base, make_ckpt, tmp_path, capsys,
                                                                       change, args, says):
     ckpt = _changed_base(tiny_base, make_ckpt, tmp_path, **change)
     code, err = run_cli(capsys, args[0], ckpt, tmp_path / "out", *args[1:], "--quiet")
     assert code == 2 and len(err.splitlines()) == 1 and says in err, err
     assert not (tmp_path / "out").exists()
+
+
+LINEAR_GLOBAL = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["gguf-f32", "onnx-fp32", "mlx", "safetensors"])
+def test_gemma3_linear_rope_scaling_on_the_global_layers_only(tiny_base, make_ckpt, tmp_path, fmt):
+    """Gemma 3 4B+: linear scaling (factor 8) on the global layers, none on the local ones."""
+    ckpt = _changed_base(tiny_base, make_ckpt, tmp_path, rope_parameters=LINEAR_GLOBAL)
+    _verified(ckpt, tmp_path / ("m.gguf" if fmt.startswith("gguf") else "out"), fmt, "qa-blora")
+
+
+@pytest.mark.slow
+def test_gemma3_gguf_without_the_global_scaling_fails_verify(tiny_base, make_ckpt, tmp_path, monkeypatch):
+    ckpt = _changed_base(tiny_base, make_ckpt, tmp_path, rope_parameters=LINEAR_GLOBAL)
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_model, "_rope_scaling", lambda config: None)
+        api.export(ckpt, tmp_path / "m.gguf", "gguf", gguf_type="f32", quiet=True)
+    report = api.verify(ckpt, tmp_path / "m.gguf", runtime="llama.cpp", quiet=True)
+    assert not report.passed and report.logits.max_rel > 10 * report.tolerance.max_rel, report.to_json()
 
 
 def test_gemma3_gguf_carries_a_final_softcap_where_the_config_has_one(tiny_base, make_ckpt, tmp_path):
