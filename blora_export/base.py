@@ -164,11 +164,21 @@ class BaseModel(TensorFolder):
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
 
 
-def rope_parameters(config: dict) -> dict:
+#: transformers' attention kinds; Gemma 3 keys ``rope_parameters`` by them.
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def rope_parameters(config: dict, layer_type: str = "full_attention") -> dict:
     """Rotary settings of a model config: ``rope_parameters`` (transformers 5) or the top-level
-    ``rope_theta`` + ``rope_scaling`` (4.x); always with ``rope_theta`` and ``rope_type``."""
+    ``rope_theta`` + ``rope_scaling`` (4.x); always with ``rope_theta`` and ``rope_type``. Where they
+    differ per layer type (Gemma 3: ``rope_parameters`` keyed by :data:`LAYER_TYPES`; in 4.x, the local
+    layers' ``rope_local_base_freq`` without scaling), those of ``layer_type``."""
     params = dict(config.get("rope_parameters") or {})
-    if not params:
+    if params and set(params) <= set(LAYER_TYPES):
+        params = dict(params.get(layer_type) or params["full_attention"])
+    elif not params and layer_type == "sliding_attention" and config.get("rope_local_base_freq") is not None:
+        params = {"rope_theta": config["rope_local_base_freq"]}
+    elif not params:
         params = dict(config.get("rope_scaling") or {})
         params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     params.setdefault("rope_type", params.get("type", "default"))

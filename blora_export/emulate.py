@@ -11,7 +11,8 @@ ggml's CPU matmul converts the activation row to the weight type's ``vec_dot_typ
 * F16 -> fp16, BF16 -> bf16, F32 -> none.
 
 The KV cache is F16 (llama.cpp's default): keys, values and the queries that meet them are
-rounded to fp16. onnxruntime's MatMulNBits at ``accuracy_level`` 4 quantizes activations to
+rounded to fp16. mlx-lm's gemma3_text multiplies the embeddings by √hidden rounded to bfloat16
+(:func:`mlx_embedding_floor`). onnxruntime's MatMulNBits at ``accuracy_level`` 4 quantizes activations to
 int8 per block of the weight's block size the same way (symmetric, ``amax / 127``).
 """
 from __future__ import annotations
@@ -82,3 +83,46 @@ class Arithmetic:
                 handles.append(sub.register_forward_pre_hook(lambda _m, args: (round_dtype(args[0], self.act_dtype),)))
                 handles.append(sub.register_forward_hook(lambda _m, _a, out: round_dtype(out, self.act_dtype)))
         return handles
+
+
+#: mlx-lm models that multiply the token embeddings by √hidden_size rounded to bfloat16
+#: (models/gemma3_text.py: ``mx.array(hidden_size**0.5, mx.bfloat16)``); transformers uses it in the
+#: weights' dtype (float32 here): the two differ by up to 2^-9 relative on the embeddings.
+MLX_BF16_EMBEDDING_SCALE = ("gemma3_text",)
+
+
+def mlx_embedding_hooks(config: dict):
+    """Hooks that give a stream mlx-lm's bfloat16 √hidden embedding scale (``None``: the family's mlx-lm
+    model scales as transformers does)."""
+    from .families import family
+
+    if family(config.get("model_type")).mlx_model not in MLX_BF16_EMBEDDING_SCALE:
+        return None
+    exact = float(config["hidden_size"]) ** 0.5
+    ratio = float(torch.tensor(exact, dtype=torch.bfloat16).float()) / exact
+
+    def hooks(module: torch.nn.Module, prefix: str) -> list:
+        if prefix != "model.embed_tokens":
+            return []
+        return [module.register_forward_hook(lambda _m, _a, out: out * ratio)]
+    return hooks
+
+
+def mlx_embedding_floor(job, static, bound=None) -> tuple:
+    """``(static, floor streams, bound)`` of an export mlx-lm runs exactly but for its bfloat16 embedding
+    scale: the floor is the base as trained, without the adapter, computed with that scale (unchanged where
+    the family's mlx-lm model has none)."""
+    from .numerics import logit_stats
+    from .reference import trained_base_fn
+    from .stream import Stream
+    from .tolerance import floor_tolerance
+
+    hooks = mlx_embedding_hooks(job.base.config)
+    if hooks is None:
+        return static, (), bound
+    floor = Stream("mlx embedding floor", trained_base_fn(job.plan), hooks)
+
+    def floor_bound(out: dict):
+        return floor_tolerance(logit_stats(out["without"], out[floor.name]),
+                               "mlx-lm's √hidden embedding scale rounded to bfloat16", static)
+    return static, (floor,), floor_bound

@@ -22,8 +22,11 @@ llama.cpp's converter and onnxruntime-genai's builder):
   does not (SmolLM3's ``no_rope_layers``);
 * ``query_scalar``: the config key ``q`` of an attention scale ``q^-0.5`` (Gemma's
   ``query_pre_attn_scalar``); ``attn_softcap``: the config key of ``cap·tanh(scores/cap)``;
-* ``sandwich_norms``: norms on each sublayer's output too (Gemma 2); ``layer_windows``: the
-  config's ``layer_types`` marks the layers that attend within ``sliding_window`` (Gemma 2);
+* ``sandwich_norms``: norms on each sublayer's output too (Gemma 2 and 3); ``layer_windows``: the
+  config's ``layer_types`` marks the layers that attend within ``sliding_window`` (Gemma 2 and 3);
+* ``layer_rope``: the rotation is set per layer type (Gemma 3: ``rope_parameters`` keyed by
+  ``full_attention`` / ``sliding_attention``, the local layers with their own base and no scaling;
+  :func:`layer_rope_parameters`);
 * ``formats``: the formats whose writers implement the row (``None``: all); the others refuse it
   in one line (:func:`require_format`);
 * ``fused``: Linear groups the base itself stores fused (none of the supported rows);
@@ -63,6 +66,7 @@ class Family:
     query_scalar: Optional[str] = None  # config key q: attention scale q^-0.5 (Gemma's query_pre_attn_scalar)
     sandwich_norms: bool = False  # Gemma 2: norms after attention and MLP outputs too (pre/post feedforward)
     layer_windows: bool = False  # config layer_types marks the layers attending within sliding_window
+    layer_rope: bool = False  # Gemma 3: rope_parameters per layer type (local base, scaling on global layers)
     formats: Optional[tuple[str, ...]] = None  # the formats whose writers implement the row (None: all)
 
     def unimplemented(self) -> list[str]:
@@ -97,6 +101,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            embedding_scale=SQRT_HIDDEN, attn_softcap="attn_logit_softcapping",
            final_softcap="final_logit_softcapping", query_scalar="query_pre_attn_scalar", sandwich_norms=True,
            layer_windows=True, formats=("gguf", "onnx", "safetensors", "peft")),
+    # Gemma 3 (text): as Gemma 2 plus per-head q/k norms (x·(1+w) too), its own rope per layer type (local
+    # layers: rope_local_base_freq, no scaling), usually five local layers to one global, no score softcap.
+    # The writers whose runtime fixes a convention check the config against it (GGUF: attention scale and
+    # caps; MLX: a periodic local/global pattern and no softcap).
+    Family("gemma3_text", "GEMMA3", permute_qk=False, genai_type="gemma3_text", mlx_model="gemma3_text",
+           qk_norm=True, norm_offset=1.0, embedding_scale=SQRT_HIDDEN, attn_softcap="attn_logit_softcapping",
+           final_softcap="final_logit_softcapping", query_scalar="query_pre_attn_scalar", sandwich_norms=True,
+           layer_windows=True, layer_rope=True),
 )}
 SUPPORTED = tuple(m for m, f in FAMILIES.items() if not f.unimplemented())
 
@@ -183,13 +195,36 @@ def rope_layers(config: dict) -> tuple[bool, ...]:
 def layer_windows(config: dict) -> tuple[Optional[int], ...]:
     """The attention window of each decoder layer (``None``: global): the one window of
     :func:`attention_window` on every layer, or ``sliding_window`` on the layers ``layer_types`` marks
-    ``sliding_attention`` (Gemma 2: every other layer)."""
+    ``sliding_attention`` (Gemma 2: every other layer; Gemma 3: five of every six)."""
     fam, n = family(config.get("model_type")), int(config["num_hidden_layers"])
     if not fam.layer_windows:
         return (attention_window(config),) * n
-    kinds = config.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
-    window = config.get("sliding_window")
+    kinds, window = layer_kinds(config), config.get("sliding_window")
     return tuple(int(window) if window and kind == "sliding_attention" else None for kind in kinds)
+
+
+def layer_kinds(config: dict) -> tuple[str, ...]:
+    """Each decoder layer's attention kind, ``sliding_attention`` or ``full_attention`` (``layer_types``;
+    without it, transformers' defaults: Gemma 2 every other layer local, Gemma 3 five of every six)."""
+    fam, n = family(config.get("model_type")), int(config["num_hidden_layers"])
+    kinds = config.get("layer_types")
+    if not kinds:
+        period = int(config.get("sliding_window_pattern") or (6 if fam.layer_rope else 2))
+        kinds = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
+    if len(kinds) != n:
+        raise BadInputError(f"config.json's layer_types has {len(kinds)} entries for {n} layers")
+    return tuple(kinds)
+
+
+def layer_rope_parameters(config: dict) -> tuple[dict, ...]:
+    """Each decoder layer's rotary settings (``rope_theta``, ``rope_type`` and the scaling's keys): the
+    config's one set on every layer, or (Gemma 3) the set of the layer's type."""
+    from .base import rope_parameters
+
+    fam = family(config.get("model_type"))
+    if not fam.layer_rope:
+        return (rope_parameters(config),) * int(config["num_hidden_layers"])
+    return tuple(rope_parameters(config, kind) for kind in layer_kinds(config))
 
 
 def require_format(config: dict, fmt: str) -> None:

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from .base import LAYER_TYPES, rope_parameters
+from .errors import UnsupportedError
 from .job import ExportJob
 from .tensor_io import SafetensorsStream
 
@@ -85,13 +87,43 @@ def write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
 
 def rope_overrides(config: dict) -> dict:
     """The keys mlx-lm reads at the top level of config.json: transformers 5 nests ``rope_theta``
-    (and the rope type) in ``rope_parameters``, which mlx-lm 0.32 ignores (it would use its default)."""
+    (and the rope type) in ``rope_parameters``, which mlx-lm 0.32 ignores (it would use its default);
+    Gemma 3's per-layer-type rotation and layer pattern as :func:`gemma3_mlx_keys` writes them."""
     rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and rope and set(rope) <= set(LAYER_TYPES):
+        return gemma3_mlx_keys(config)
     if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
         return {}
     extra = {"rope_theta": rope["rope_theta"]}
     if rope.get("rope_type", "default") != "default":
         extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return extra
+
+
+def gemma3_mlx_keys(config: dict) -> dict:
+    """mlx-lm's gemma3_text: ``rope_theta`` / ``rope_scaling`` of the global layers, ``rope_local_base_freq``
+    of the local ones, and the global layers as one period ``sliding_window_pattern`` (layer i global when
+    (i + 1) % n == 0). What its model cannot compute is refused in one line: another layer pattern, rope
+    scaling on the local layers, softcaps (it applies none)."""
+    from .families import layer_kinds
+
+    kinds, fam = layer_kinds(config), config.get("model_type")
+    glob, loc = rope_parameters(config, "full_attention"), rope_parameters(config, "sliding_attention")
+    period = next((n for n in range(1, len(kinds) + 1)
+                   if all((kind == "full_attention") == ((i + 1) % n == 0) for i, kind in enumerate(kinds))), None)
+    problems = [f"global layers {[i for i, k in enumerate(kinds) if k == 'full_attention']} are not every n-th"
+                if period is None else "",
+                f"rope scaling {loc['rope_type']!r} on the local layers" if loc["rope_type"] != "default" else "",
+                *[f"{key} {config[key]}" for key in ("attn_logit_softcapping", "final_logit_softcapping")
+                  if config.get(key)]]
+    problems = [p for p in problems if p]
+    if problems:
+        raise UnsupportedError(f"{fam}: mlx-lm's gemma3_text cannot compute {'; '.join(problems)}: "
+                               "export to ONNX, GGUF or safetensors")
+    extra = {"rope_theta": glob["rope_theta"], "rope_local_base_freq": loc["rope_theta"],
+             "sliding_window_pattern": period}
+    if glob["rope_type"] != "default":
+        extra["rope_scaling"] = {k: v for k, v in glob.items() if k != "rope_theta"}
     return extra
 
 

@@ -10,7 +10,8 @@ many streams use it.
 
 What the model's own ``forward`` computes between the parts comes from the family table
 (:func:`blora_export.families.scales`): the embedding multiplier (Granite) after the embeddings,
-the logit divisor (Granite) and the final softcap (Gemma 2) after the head. Where transformers'
+the logit divisor (Granite) and the final softcap (Gemma 2) after the head; the rotation of each
+layer kind (Gemma 3's local layers have their own base). Where transformers'
 embedding module scales by itself (Gemma's ``*ScaledWordEmbedding``, whose ``scalar_embed_scale``
 is the value of its non-persistent ``embed_scale`` buffer), the module's scale is used instead.
 
@@ -182,7 +183,7 @@ class StreamedForward:
         for stream in streams:
             stream.states = list(ids)
         with torch.no_grad():
-            rope = [self.rotary(torch.zeros(1, dtype=torch.float32), p) for p in positions]
+            rope = self._rotations(positions)
             embed = 1.0 if hasattr(inner.embed_tokens, "scalar_embed_scale") else self.scales.embedding
             self._part(inner.embed_tokens, "model.embed_tokens", streams, cache,
                        (lambda m, h, i: m(h)) if embed == 1.0 else (lambda m, h, i: m(h) * embed))
@@ -192,13 +193,21 @@ class StreamedForward:
 
                 def run_layer(m, h, i, kind=kind):
                     mask = causal_mask(self.model.config, kind, h, positions[i])
-                    out = m(h, attention_mask=mask, position_ids=positions[i], position_embeddings=rope[i])
+                    out = m(h, attention_mask=mask, position_ids=positions[i], position_embeddings=rope[kind][i])
                     return out[0] if isinstance(out, tuple) else out
                 self._part(layer, f"model.layers.{index}", streams, cache, run_layer)
             self._part(inner.norm, "model.norm", streams, cache, lambda m, h, i: m(h))
             self._part(self.model.lm_head, "lm_head", streams, cache,
                        lambda m, h, i: final_logits(m(h)[0].float(), self.scales))
         return {s.name: s.states for s in streams}
+
+    def _rotations(self, positions: list) -> dict[str, list]:
+        """cos/sin per layer kind and prompt: one rotation for every layer, or (Gemma 3, whose rotary module
+        takes a ``layer_type``) each kind's own, as the model's forward computes them."""
+        kinds = sorted({_mask_kind(self.model.config, i) for i in range(self.model.config.num_hidden_layers)})
+        per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        x = torch.zeros(1, dtype=torch.float32)
+        return {k: [self.rotary(x, p, k) if per_type else self.rotary(x, p) for p in positions] for k in kinds}
 
     @staticmethod
     def _part(module, prefix: str, streams: Sequence[Stream], cache: PartCache, step) -> None:

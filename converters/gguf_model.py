@@ -33,6 +33,7 @@ from blora_export.families import (
     attention_window,
     family,
     head_dim,
+    layer_kinds,
     layer_windows,
     rope_layers,
     scales,
@@ -94,30 +95,47 @@ def check_rope_layers(config: dict) -> None:
                                f"{fam.no_rope_key}")
 
 
-#: llama.cpp graphs with local layers at a fixed period (``il % n < n - 1``: Gemma 2's even layers)
-#: and the window from ``attention.sliding_window``.
-SWA_PATTERN = {"GEMMA2": 2}
-#: llama.cpp's Gemma 2 attention scale: (n_embd/n_head)^-0.5 for the 46-layer 27B, else head_dim^-0.5.
-GEMMA2_27B_LAYERS = 46
+@dataclass(frozen=True)
+class FixedGraph:
+    """What a llama.cpp Gemma graph fixes instead of reading it from the file (src/models/gemma*.cpp)."""
+
+    swa_period: Optional[int]  # local layers where ``il % n < n - 1`` (None: the file lists them per layer)
+    big_layers: int  # the layer count whose attention scale is (n_embd/n_head)^-0.5, else head_dim^-0.5
+    score_softcap: bool  # whether the graph caps the attention scores (Gemma 2 always, Gemma 3 never)
+    final_softcap_always: bool  # Gemma 2 caps the logits always; Gemma 3 where the key is written
+
+
+#: Gemma 2: local layers every other from 0, both caps; Gemma 3: ``attention.sliding_window_pattern``
+#: lists the local layers (the graph takes them and ``rope.freq_base_swa`` for them), no score cap.
+LLAMA_CPP_FIXED = {"GEMMA2": FixedGraph(2, 46, True, True), "GEMMA3": FixedGraph(None, 62, False, False)}
 
 
 def check_llama_cpp_conventions(config: dict) -> None:
-    """Refuse a Gemma 2 config whose windows, attention scale or softcaps llama.cpp's graph, which fixes
+    """Refuse a Gemma config whose windows, attention scale or softcaps llama.cpp's graph, which fixes
     them, would not compute."""
     fam = family(config["model_type"])
-    if not fam.layer_windows:
+    fixed = LLAMA_CPP_FIXED.get(fam.gguf_arch)
+    if fixed is None:
         return
-    windows, sc, period = layer_windows(config), scales(config), SWA_PATTERN.get(fam.gguf_arch)
+    windows, sc, period = layer_windows(config), scales(config), fixed.swa_period
     expected = tuple(max(w or 0 for w in windows) or None if period and i % period < period - 1 else None
-                     for i in range(len(windows)))
+                     for i in range(len(windows))) if period else windows
     n, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
-    scale = (int(config["hidden_size"]) // heads if n == GEMMA2_27B_LAYERS else head_dim(config)) ** -0.5
+    scale = (int(config["hidden_size"]) // heads if n == fixed.big_layers else head_dim(config)) ** -0.5
+    local = [i for i, kind in enumerate(layer_kinds(config)) if kind == "sliding_attention"]
+    local_rope = rope_parameters(config, "sliding_attention")
     problems = [f"local layers {[i for i, w in enumerate(windows) if w]} (llama.cpp: every {period}th from 0)"
                 if windows != expected else "",
+                f"local layers {local} without a window (llama.cpp rotates them with the local base only in "
+                "windowed models)" if fam.layer_rope and local and not any(windows) else "",
                 f"attention scale {sc.attention:.6g} (llama.cpp computes {scale:.6g} for {n} layers)"
                 if abs(sc.attention - scale) > 1e-6 * scale else "",
                 "no attention or final softcap (llama.cpp's graph applies both)"
-                if not (sc.attn_softcap and sc.final_softcap) else ""]
+                if fixed.score_softcap and not (sc.attn_softcap and sc.final_softcap) else "",
+                "an attention softcap (llama.cpp's graph has none)" if not fixed.score_softcap and sc.attn_softcap
+                else "",
+                f"rope scaling {local_rope['rope_type']!r} on the local layers (llama.cpp scales the global ones only)"
+                if fam.layer_rope and local_rope["rope_type"] != "default" else ""]
     problems = [p for p in problems if p]
     if problems:
         raise UnsupportedError(f"{fam.model_type}: llama.cpp's {fam.gguf_arch.lower()} graph fixes what this config "
@@ -241,12 +259,23 @@ def write_multipliers(writer: GGUFWriter, config: dict) -> None:
         writer.add_residual_scale(sc.residual)
     if fam.logit_divisor is not None:
         writer.add_logit_scale(sc.logit_divisor)
-    if fam.attn_softcap is not None:
+    if sc.attn_softcap is not None:
         writer.add_attn_logit_softcapping(sc.attn_softcap)
-    if fam.final_softcap is not None:
+    if sc.final_softcap is not None:
         writer.add_final_logit_softcapping(sc.final_softcap)
-    if fam.layer_windows and any(layer_windows(config)):
-        writer.add_sliding_window(max(w or 0 for w in layer_windows(config)))
+    write_windows(writer, config)
+
+
+def write_windows(writer: GGUFWriter, config: dict) -> None:
+    """Gemma's ``attention.sliding_window``; for Gemma 3 also which layers are local
+    (``attention.sliding_window_pattern``, one bool per layer) and their rope base (``rope.freq_base_swa``)."""
+    fam, windows = family(config["model_type"]), layer_windows(config)
+    if not (fam.layer_windows and any(windows)):
+        return
+    writer.add_sliding_window(max(w or 0 for w in windows))
+    if fam.layer_rope:
+        writer.add_sliding_window_pattern([w is not None for w in windows])
+        writer.add_rope_freq_base_swa(float(rope_parameters(config, "sliding_attention")["rope_theta"]))
 
 
 def permutation(rows: int, n_head: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ transformers' modeling code, in float32 activations:
   local layers: one mask per distinct window);
 * Gemma's ``x·(1 + w)`` norms, also on each sublayer's output (sandwich norms), and tanh softcaps
   on the attention scores and the logits;
+* Gemma 3's per-layer-type rotation: a second cos/sin table for the local layers (their own base);
 * no rotation on the layers the family marks so (SmolLM3's ``no_rope_layers``);
 * the family's multipliers (:func:`blora_export.families.scales`, Granite): on the embeddings, the
   attention scores (in place of ``head_dim^-0.5``), each sublayer's output, and a divisor on the logits.
@@ -34,7 +35,7 @@ from onnx import TensorProto, helper
 
 from blora_export.base import rope_parameters
 from blora_export.errors import UnsupportedError
-from blora_export.families import Scales, family, head_dim, layer_windows, rope_layers, scales
+from blora_export.families import Scales, family, head_dim, layer_kinds, layer_windows, rope_layers, scales
 
 IR_VERSION = 10
 OPSET = 21
@@ -122,6 +123,9 @@ class DecoderSpec:
     norm_offset: float = 0.0  # Gemma: norms compute x·(offset + w)
     sandwich_norms: bool = False  # Gemma 2: norms on the attention and MLP outputs too
     activation: str = "silu"  # of the gated MLP: silu or gelu_pytorch_tanh (Gemma)
+    # Gemma 3: the local layers' (inv_freq, scaling), their own base and no scaling (None: one rotation)
+    local_rope: Optional[tuple[tuple[float, ...], float]] = None
+    local_layers: tuple[bool, ...] = ()  # the layers that use local_rope
 
     @classmethod
     def from_config(cls, config: dict, path=None) -> "DecoderSpec":
@@ -134,6 +138,7 @@ class DecoderSpec:
         heads = int(config["num_attention_heads"])
         dim = head_dim(config)
         inv_freq, factor = rope_frequencies(config, dim, path)
+        local = [kind == "sliding_attention" for kind in layer_kinds(config)] if fam.layer_rope else []
         return cls(model_type=config["model_type"], num_layers=int(config["num_hidden_layers"]),
                    hidden=int(config["hidden_size"]), intermediate=int(config["intermediate_size"]),
                    vocab=int(config["vocab_size"]), heads=heads,
@@ -142,12 +147,16 @@ class DecoderSpec:
                    windows=layer_windows(config), tied=bool(config.get("tie_word_embeddings", False)),
                    context_length=int(config.get("max_position_embeddings", 4096)),
                    qk_norm=fam.qk_norm, scales=scales(config), rope_layers=rope_layers(config),
-                   norm_offset=fam.norm_offset, sandwich_norms=fam.sandwich_norms, activation=ACTIVATIONS[act])
+                   norm_offset=fam.norm_offset, sandwich_norms=fam.sandwich_norms, activation=ACTIVATIONS[act],
+                   local_rope=rope_frequencies(config, dim, path, "sliding_attention") if any(local) else None,
+                   local_layers=tuple(local))
 
 
-def rope_frequencies(config: dict, head_dim: int, path=None) -> tuple[tuple[float, ...], float]:
-    """``inv_freq`` (float32, exactly as transformers computes it) and the cos/sin scaling factor."""
-    params = rope_parameters(config)
+def rope_frequencies(config: dict, head_dim: int, path=None,
+                     layer_type: str = "full_attention") -> tuple[tuple[float, ...], float]:
+    """``inv_freq`` (float32, exactly as transformers computes it) and the cos/sin scaling factor (of the
+    layers of ``layer_type``, where the family sets the rotation per layer type: Gemma 3)."""
+    params = rope_parameters(config, layer_type)
     rope_type = params["rope_type"]
     if rope_type not in STATIC_ROPE_TYPES:
         raise UnsupportedError(f"rope type {rope_type!r} depends on the sequence length; the ONNX export "
@@ -161,7 +170,9 @@ def rope_frequencies(config: dict, head_dim: int, path=None) -> tuple[tuple[floa
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv, factor = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.from_pretrained(str(path)), None)
+    hf_config = AutoConfig.from_pretrained(str(path))
+    per_type = isinstance(getattr(hf_config, "rope_parameters", None), dict) and layer_type in hf_config.rope_parameters
+    inv, factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None, **({"layer_type": layer_type} if per_type else {}))
     return tuple(float(v) for v in inv.float()), float(factor)
 
 
@@ -226,16 +237,16 @@ def linear(g: Graph, x: str, data: FloatLinear | QuantLinear, name: str) -> str:
     return y
 
 
-def rotary_tables(g: Graph, spec: DecoderSpec) -> tuple[str, str]:
+def rotary_tables(g: Graph, inv_freq: tuple[float, ...], scaling: float) -> tuple[str, str]:
     """``cos, sin`` ``[B, 1, S, d]`` from ``position_ids`` (float32, transformers' formula)."""
     pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], to=TensorProto.FLOAT), g.const([-1])])
-    freqs = g.op("Mul", [pos, g.const(spec.inv_freq, np.float32)])
+    freqs = g.op("Mul", [pos, g.const(inv_freq, np.float32)])
     emb = g.op("Concat", [freqs, freqs], axis=-1)
     tables = []
     for fn in ("Cos", "Sin"):
         t = g.op(fn, [emb])
-        if spec.rope_scaling != 1.0:
-            t = g.op("Mul", [t, g.const(spec.rope_scaling, np.float32)])
+        if scaling != 1.0:
+            t = g.op("Mul", [t, g.const(scaling, np.float32)])
         tables.append(g.op("Unsqueeze", [t, g.const([1])]))
     return tables[0], tables[1]
 
@@ -281,8 +292,10 @@ def attention(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvid
         k = rms_norm(g, k, weights.tensor(f"{prefix}.k_norm.weight"), spec.eps, f"{prefix}.k_norm.weight",
                      spec.norm_offset)
     if not spec.rope_layers or spec.rope_layers[i]:  # SmolLM3's NoPE layers: no rotation
-        q = apply_rotary(g, q, ctx["cos"], ctx["sin"], hd)
-        k = apply_rotary(g, k, ctx["cos"], ctx["sin"], hd)
+        local = bool(spec.local_layers) and spec.local_layers[i] and spec.local_rope is not None
+        cos, sin = ctx["local_rope"] if local else ctx["rope"]
+        q = apply_rotary(g, q, cos, sin, hd)
+        k = apply_rotary(g, k, cos, sin, hd)
     k_all = g.op("Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
     v_all = g.op("Concat", [f"past_key_values.{i}.value", heads_first(g, v, nkv, hd)],
                  outputs=[f"present.{i}.value"], axis=2)
@@ -364,7 +377,9 @@ def build_decoder(spec: DecoderSpec, weights: WeightProvider, store, progress=it
     sc = spec.scales or Scales(1.0, spec.head_dim ** -0.5, 1.0, 1.0)
     x = scaled(g, g.op("Gather", [embed_ref, "input_ids"], axis=0), sc.embedding)
     ctx = {"masks": {w: attention_bias(g, w) for w in sorted(set(spec.windows), key=lambda w: w or 0)}}
-    ctx["cos"], ctx["sin"] = rotary_tables(g, spec)
+    ctx["rope"] = rotary_tables(g, spec.inv_freq, spec.rope_scaling)
+    if spec.local_rope is not None:  # Gemma 3's local layers: their own base
+        ctx["local_rope"] = rotary_tables(g, *spec.local_rope)
     for i in progress(range(spec.num_layers), desc="onnx layers", total=spec.num_layers, unit="layer"):
         x = decoder_layer(g, spec, i, x, weights, ctx, sc)
     x = rms_norm(g, x, weights.tensor("model.norm.weight"), spec.eps, "model.norm.weight", spec.norm_offset)

@@ -27,6 +27,7 @@ import torch
 from blora_export.base import TensorFolder, read_json
 from blora_export.delta import delta_weight
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.emulate import mlx_embedding_floor, mlx_embedding_hooks
 from blora_export.families import attention_window
 from blora_export.fold import fold_obstacles, fold_refusal, mlx_grid
 from blora_export.hf_folder import PROVENANCE_FILE, provenance, rope_overrides, write_hf_config, write_shards
@@ -252,6 +253,7 @@ def export(job: ExportJob, out: Path, bits: Optional[int] = None, group_size: Op
            bias_dtype: Optional[str] = None, requantize: bool = False) -> ExportResult:
     start = time.perf_counter()
     check_window(job)
+    rope_overrides(job.base.config)  # refuses what mlx-lm's model of the family cannot compute, before writing
     if bias_dtype is None:
         bias_dtype = default_bias_dtype(job)
         log.info("MLX scales/biases: %s (%s)", bias_dtype, "exact: the checkpoint trained with float16 β'"
@@ -383,11 +385,18 @@ def ptq_stream(job: ExportJob, mplan: MlxPlan) -> Stream:
     def weights(name: str, cache) -> torch.Tensor:
         w = base(name, cache)
         return quantize_minmax(w, mplan.target_grid(), name).dequantize() if is_quantized_linear(name) else w
-    return Stream("mlx ptq floor", weights)
+    return Stream("mlx ptq floor", weights, mlx_embedding_hooks(job.base.config))
 
 
 def tolerance(job: ExportJob, path: Path, mplan: MlxPlan) -> tuple[Tolerance, tuple, Optional[Callable]]:
     """(static bound, floor streams, bound from the streams' logits)."""
+    static, streams, bound = _tolerance(job, path, mplan)
+    if streams:  # a re-quantized export's PTQ floor has mlx-lm's embedding scale already
+        return static, streams, bound
+    return mlx_embedding_floor(job, static, bound)
+
+
+def _tolerance(job: ExportJob, path: Path, mplan: MlxPlan) -> tuple[Tolerance, tuple, Optional[Callable]]:
     act = activation_dtype(path)
     if act != torch.float32:
         tol = tolerance_for_dtype(act)

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from blora_export.base import BaseModel
 from blora_export.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BLORA_CONFIG, read_json, resolve_base_path
 from blora_export.delta import AdapterModule, delta_weight, lora_factors
+from blora_export.emulate import mlx_embedding_floor
 from blora_export.errors import BadInputError, BloraError, UnsupportedError
 from blora_export.families import attention_window, require_format
 from blora_export.hf_folder import PROVENANCE_FILE, provenance, rope_overrides
@@ -189,6 +190,7 @@ def export(job: ExportJob, out: Path, layout: str = "peft") -> ExportResult:
         raise UnsupportedError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout == "mlx":  # the adapter runs in mlx-lm's model of the family
         require_format(job.base.config, "mlx")
+        rope_overrides(job.base.config)  # refuses what mlx-lm's model of the family cannot compute
     start = time.perf_counter()
     with atomic_dir(out) as tmp:
         info = write_peft(job, tmp, Path(out)) if layout == "peft" else write_mlx(job, tmp)
@@ -365,7 +367,8 @@ def open_artifact(path: Path, job: ExportJob, runtime: str | None = None) -> Art
                          basis=f"fold-aware checkpoint: it trained with β' rounded to {job.plan.base_quant.param_dtype} "
                                "per block, the adapter adds the exact ΔW; bound as for weights of that dtype")
     client = "peft.PeftModel" if layout == "peft" else "mlx_lm (load_adapters)"
+    tol, streams, bound = mlx_embedding_floor(job, tol) if layout == "mlx" else (tol, (), None)
     return Artifact(format=NAME, path=path, description=f"{layout} LoRA adapter applied by {client} on {on}",
-                    tolerance=tol, logits=_peft_logits(path, job) if layout == "peft" else _mlx_logits(path, job),
+                    tolerance=tol, streams=streams, bound=bound, logits=_peft_logits(path, job) if layout == "peft" else _mlx_logits(path, job),
                     layer_checks=lambda: layer_checks(job, path, layout),
                     notes=(f"{job.plan.describe()}; the adapter computes base + ΔW on whatever base it is loaded on",))

@@ -49,15 +49,15 @@ __all__ = [
 
 CORPUS_PATH = Path(__file__).resolve().parent / "corpus.txt"
 
-ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3", "granite", "smollm3", "gemma2")
+ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3", "granite", "smollm3", "gemma2", "gemma3_text")
 # Which tokenizer each architecture gets ("llama3" is a LlamaForCausalLM with Llama 3.x conventions).
 TOKENIZER_KIND = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "llama3": "llama3", "qwen3": "bpe",
-                  "granite": "bpe", "smollm3": "llama3", "gemma2": "spm"}
+                  "granite": "bpe", "smollm3": "llama3", "gemma2": "spm", "gemma3_text": "spm"}
 # Deliberately different per architecture so a converter that ignores rope_theta gets caught.
 ROPE_THETA = {"llama": 10000.0, "mistral": 1000000.0, "qwen2": 1000000.0, "llama3": 10000.0, "qwen3": 1000000.0,
-              "granite": 10000.0, "smollm3": 5000000.0, "gemma2": 10000.0}
+              "granite": 10000.0, "smollm3": 5000000.0, "gemma2": 10000.0, "gemma3_text": 1000000.0}
 RMS_NORM_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6, "llama3": 1e-5, "qwen3": 1e-6, "granite": 1e-5,
-                "smollm3": 1e-6, "gemma2": 1e-6}
+                "smollm3": 1e-6, "gemma2": 1e-6, "gemma3_text": 1e-6}
 MAX_POSITION_EMBEDDINGS = 512
 # Llama 3.x rope scaling with an original context so short (64) that the 8x scaling of the low
 # frequencies changes the tiny model's logits on the 10-20 token prompts: a writer that drops it
@@ -72,13 +72,21 @@ GRANITE_SCALES = {"embedding_multiplier": 12.0, "attention_multiplier": 0.015, "
                   "logits_scaling": 8.0}
 # Decoder layers when make_base is not told: SmolLM3 skips the rotation on every 4th layer (its
 # default no_rope_layers, the pattern llama.cpp's smollm3 graph fixes), so its tiny model has 4.
-DEFAULT_LAYERS = {"smollm3": 4}
+DEFAULT_LAYERS = {"smollm3": 4, "gemma3_text": 3}
 # Gemma 2 (2B: query_pre_attn_scalar 256 = head_dim, softcaps 50 / 30, window 4096 on every other
 # layer), small enough that each convention moves the tiny model's logits: q scaled by 8^-0.5 (not
 # head_dim^-0.5), scores capped at 5 (they reach ~5), logits at 20 (they reach ~25), a window of 8
 # tokens on layer 0 (the built-in prompts are 12-21 tokens). Tied head, as Gemma.
 GEMMA2_CONVENTIONS = {"query_pre_attn_scalar": 8, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 20.0,
                       "sliding_window": 8, "hidden_activation": "gelu_pytorch_tanh"}
+# Gemma 3 1B/270M: rope base 1e6 on the global layers (ROPE_THETA) and 1e4 on the local ones, five local
+# layers to one global (here two to one: 3 layers), window 512 (here 8 tokens, shorter than the 12-21 token
+# prompts), query_pre_attn_scalar = head_dim (as the 1B: the scale llama.cpp's gemma3 graph computes), no
+# softcaps. The q/k norms (x·(1+w), w ~ U(0.5, 1.5)) scale q and k by ~2: a writer without the +1 halves them.
+GEMMA3_CONVENTIONS = {"query_pre_attn_scalar": 32, "sliding_window": 8, "hidden_activation": "gelu_pytorch_tanh",
+                      "final_logit_softcapping": None, "attn_logit_softcapping": None}
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+GEMMA3_PATTERN = 3  # layer i is global when (i + 1) % 3 == 0 (Gemma 3: 6)
 # Qwen3-0.6B/4B style: head_dim (48) is not hidden/heads (32).
 QWEN3_HEAD_DIM = 48
 
@@ -430,6 +438,16 @@ def _build_config(
 
         common.pop("hidden_act")
         cfg = Gemma2Config(head_dim=hidden_size // num_heads, attention_bias=False, **GEMMA2_CONVENTIONS, **common)
+    elif arch == "gemma3_text":
+        from transformers import Gemma3TextConfig
+
+        common.pop("hidden_act")
+        theta = common.pop("rope_theta")
+        common["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": theta},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_THETA}}
+        kinds = ["sliding_attention" if (i + 1) % GEMMA3_PATTERN else "full_attention" for i in range(num_layers)]
+        cfg = Gemma3TextConfig(head_dim=hidden_size // num_heads, attention_bias=False, layer_types=kinds,
+                               **GEMMA3_CONVENTIONS, **common)
     elif arch == "smollm3":
         from transformers import SmolLM3Config
 
@@ -465,6 +483,7 @@ def _model_class(arch: str):
         "granite": transformers.GraniteForCausalLM,
         "smollm3": transformers.SmolLM3ForCausalLM,
         "gemma2": transformers.Gemma2ForCausalLM,
+        "gemma3_text": transformers.Gemma3ForCausalLM,
     }[arch]
 
 
@@ -608,7 +627,8 @@ def make_base(
     q/k norms and head_dim 48 != hidden/heads; "granite" has its four multipliers, GRANITE_SCALES;
     "smollm3" skips the rotation on every 4th layer and has 4 layers unless ``num_layers`` says
     otherwise; every other arch has 2; "gemma2" has GEMMA2_CONVENTIONS and, unless told otherwise, a
-    tied head). ``sliding_window`` (mistral only) sets one attention window.
+    tied head; "gemma3_text" has GEMMA3_CONVENTIONS, 3 layers (local, local, global) and a tied head).
+    ``sliding_window`` (mistral only) sets one attention window.
 
     The folder holds config.json, generation_config.json, model.safetensors (or
     model-0000k-of-0000n.safetensors + model.safetensors.index.json when shards > 1) and the
@@ -622,7 +642,7 @@ def make_base(
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r} (expected one of {ARCHS})")
     num_layers = DEFAULT_LAYERS.get(arch, 2) if num_layers is None else num_layers
-    tie_word_embeddings = arch == "gemma2" if tie_word_embeddings is None else tie_word_embeddings
+    tie_word_embeddings = arch in ("gemma2", "gemma3_text") if tie_word_embeddings is None else tie_word_embeddings
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
     head_dim = hidden_size // num_heads
