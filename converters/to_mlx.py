@@ -26,8 +26,8 @@ import torch
 
 from blora_export.base import TensorFolder, read_json
 from blora_export.delta import delta_weight
-from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.emulate import mlx_embedding_floor, mlx_embedding_hooks
+from blora_export.errors import BadInputError, UnsupportedError
 from blora_export.families import attention_window
 from blora_export.fold import fold_obstacles, fold_refusal, mlx_grid
 from blora_export.hf_folder import PROVENANCE_FILE, provenance, rope_overrides, write_hf_config, write_shards
