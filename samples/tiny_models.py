@@ -7,7 +7,7 @@ Used by the sample generator and by the test suite.  This is a plain module file
 Nothing here touches the network or a model hub:
 
 * tokenizers are trained on ``samples/corpus.txt`` (next to this file) with
-  ``sentencepiece`` (LLaMA/Mistral style, ``kind="spm"``) or the ``tokenizers``
+  ``sentencepiece`` (LLaMA/Mistral style, ``kind="spm"``; Gemma style, ``kind="gemma"``) or the ``tokenizers``
   library (GPT-2/Qwen2 byte-level BPE, ``kind="bpe"``) and written as
   transformers-5 tokenizer folders;
 * models are built from a config (LlamaConfig / MistralConfig / Qwen2Config),
@@ -52,7 +52,7 @@ CORPUS_PATH = Path(__file__).resolve().parent / "corpus.txt"
 ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3", "granite", "smollm3", "gemma2", "gemma3_text")
 # Which tokenizer each architecture gets ("llama3" is a LlamaForCausalLM with Llama 3.x conventions).
 TOKENIZER_KIND = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "llama3": "llama3", "qwen3": "bpe",
-                  "granite": "bpe", "smollm3": "llama3", "gemma2": "spm", "gemma3_text": "spm"}
+                  "granite": "bpe", "smollm3": "llama3", "gemma2": "gemma", "gemma3_text": "gemma"}
 # Deliberately different per architecture so a converter that ignores rope_theta gets caught.
 ROPE_THETA = {"llama": 10000.0, "mistral": 1000000.0, "qwen2": 1000000.0, "llama3": 10000.0, "qwen3": 1000000.0,
               "granite": 10000.0, "smollm3": 5000000.0, "gemma2": 10000.0, "gemma3_text": 1000000.0}
@@ -136,6 +136,22 @@ LLAMA3_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
+# Gemma's special pieces (ids 0-3 as in Gemma; <mask>, <start_of_turn>, <end_of_turn> follow at 4-6 where
+# Gemma has them at 4, 106, 107) and Gemma's chat template (gemma-2-2b-it / gemma-3-1b-it, the user /
+# model turns; the system-role refusal is left out).
+GEMMA_SPECIAL_PIECES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
+GEMMA_TURN_TOKENS = ("<mask>", "<start_of_turn>", "<end_of_turn>")
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
 # Same split regex as transformers' Qwen2Tokenizer / the real Qwen2 tokenizer.json.
 QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -179,32 +195,28 @@ def _write_special_tokens_map(out_dir: Path, tok) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _train_spm(vocab_size: int, corpus: Path | None = None) -> bytes:
-    """Train a LLaMA-style SentencePiece BPE model on the corpus; return the serialized proto."""
+def _train_spm(vocab_size: int, corpus: Path | None = None, **spec) -> bytes:
+    """Train a LLaMA-style SentencePiece BPE model on the corpus; return the serialized proto.
+    ``spec`` overrides trainer_spec fields (Gemma: its special ids, no dummy prefix, user pieces)."""
     import sentencepiece as spm
 
+    # LLaMA's trainer_spec: byte fallback, digits split, no normalisation, dummy prefix,
+    # whitespace kept as is, <unk>=0 <s>=1 </s>=2, no pad piece.
+    llama = dict(add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<s>",
+                 eos_piece="</s>")
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_corpus_lines(corpus)),
         model_writer=buf,
         model_type="bpe",
         vocab_size=vocab_size,
-        # LLaMA's trainer_spec: byte fallback, digits split, no normalisation, dummy prefix,
-        # whitespace kept as is, <unk>=0 <s>=1 </s>=2, no pad piece.
         byte_fallback=True,
         split_digits=True,
-        add_dummy_prefix=True,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
         character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        unk_piece="<unk>",
-        bos_piece="<s>",
-        eos_piece="</s>",
+        **{**llama, **spec},
         hard_vocab_limit=True,
         # determinism
         num_threads=1,
@@ -243,6 +255,37 @@ def _make_spm_tokenizer(out_dir: Path, vocab_size: int, corpus: Path | None = No
     _clean_tokenizer_config(
         out_dir, {"add_bos_token": True, "add_eos_token": False, "model_max_length": MAX_POSITION_EMBEDDINGS}
     )
+    _write_special_tokens_map(out_dir, tok)
+
+
+def _make_gemma_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """Gemma style: SentencePiece BPE with byte fallback and no dummy prefix, <pad>=0 <eos>=1 <bos>=2
+    <unk>=3, then <mask>, <start_of_turn>, <end_of_turn> as user-defined pieces (matched in text by
+    SentencePiece; special added tokens in tokenizer.json, as in Gemma's); ``GemmaTokenizer`` (transformers 5's
+    GemmaTokenizerFast) adds <bos>; Gemma's chat template. The model stops at <eos> and <end_of_turn>
+    (generation_config, make_base)."""
+    from transformers import GemmaTokenizerFast
+
+    proto = _train_spm(vocab_size, add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                       **{f"{k}_piece": v for k, v in GEMMA_SPECIAL_PIECES.items()},
+                       user_defined_symbols=list(GEMMA_TURN_TOKENS))
+    with tempfile.TemporaryDirectory(prefix="tiny_gemma_") as tmp:
+        tmp = Path(tmp)
+        (tmp / "tokenizer.model").write_bytes(proto)
+        tok = GemmaTokenizerFast.from_pretrained(str(tmp), local_files_only=True, add_bos_token=True,
+                                                 add_eos_token=False)
+        tok.save_pretrained(str(tmp / "saved"), save_jinja_files=False)
+        # Gemma's tokenizer.json marks the turn tokens special (transformers' conversion leaves them plain).
+        tj = json.loads((tmp / "saved" / "tokenizer.json").read_text(encoding="utf-8"))
+        for token in tj["added_tokens"]:
+            token["special"] = token["special"] or token["content"] in GEMMA_TURN_TOKENS
+        (tmp / "saved" / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+        tok = GemmaTokenizerFast.from_pretrained(str(tmp / "saved"), local_files_only=True)
+        tok.chat_template = GEMMA_CHAT_TEMPLATE
+        tok.save_pretrained(str(out_dir), save_jinja_files=False)
+    (out_dir / "tokenizer.model").write_bytes(proto)
+    _clean_tokenizer_config(out_dir, {"add_bos_token": True, "add_eos_token": False, "vocab_file": "tokenizer.model",
+                                      "model_max_length": MAX_POSITION_EMBEDDINGS})
     _write_special_tokens_map(out_dir, tok)
 
 
@@ -368,6 +411,9 @@ def make_tokenizer(out_dir, kind: str = "spm", vocab_size: int = 512, corpus: Pa
         <|endoftext|>, <|im_start|>, <|im_end|> appended after the regular vocabulary; loads as
         ``Qwen2Tokenizer``; writes tokenizer.json, tokenizer_config.json (ChatML chat_template inside),
         special_tokens_map.json, vocab.json and merges.txt.
+    kind="llama3": Llama 3 byte-level BPE (see _make_llama3_tokenizer).
+    kind="gemma": Gemma SentencePiece (<pad>=0 <eos>=1 <bos>=2 <unk>=3, <start_of_turn> / <end_of_turn>, no
+        dummy prefix) as ``GemmaTokenizer`` with Gemma's chat template (see _make_gemma_tokenizer).
 
     In both cases ``len(AutoTokenizer.from_pretrained(out_dir)) == vocab_size`` exactly.
     """
@@ -379,8 +425,10 @@ def make_tokenizer(out_dir, kind: str = "spm", vocab_size: int = 512, corpus: Pa
         _make_bpe_tokenizer(out_dir, vocab_size)
     elif kind == "llama3":
         _make_llama3_tokenizer(out_dir, vocab_size)
+    elif kind == "gemma":
+        _make_gemma_tokenizer(out_dir, vocab_size)
     else:
-        raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'spm' or 'bpe')")
+        raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'spm', 'bpe', 'llama3' or 'gemma')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,6 +720,10 @@ def make_base(
         stops = [tok.convert_tokens_to_ids("<|end_of_text|>"), tok.convert_tokens_to_ids("<|eot_id|>")]
         bos_id, eos_id, pad_id = tok.bos_token_id, stops, None  # as in Llama-3.2-Instruct's config.json
         gen_kwargs = dict(bos_token_id=bos_id, eos_token_id=stops)
+    elif arch in ("gemma2", "gemma3_text"):
+        stops = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+        bos_id, eos_id, pad_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id  # as gemma-2-2b-it's config
+        gen_kwargs = dict(bos_token_id=bos_id, eos_token_id=stops, pad_token_id=pad_id)
     elif arch in ("qwen2", "qwen3", "granite"):
         eot = tok.convert_tokens_to_ids("<|endoftext|>")
         bos_id, eos_id, pad_id = eot, eot, None  # as in Qwen2 base config.json
