@@ -8,6 +8,9 @@
 * Byte-level BPE (Qwen2, Llama 3) -> ``"gpt2"`` with merges and a known pre-tokenizer name,
   recognised from the split regex in ``tokenizer.json``.
 
+A SentencePiece vocabulary also says whether a space goes before the text (``add_space_prefix``:
+LLaMA yes, Gemma no; llama.cpp assumes yes when the key is missing), read from the tokenizer.
+
 Special ids, add_bos/add_eos and the chat template come from gguf-py's ``SpecialVocab``;
 add_bos/add_eos are then set from what the Hugging Face tokenizer itself does. The vocabulary is
 checked against the embedding rows before anything is written; missing ids (embeddings padded
@@ -172,6 +175,34 @@ def read_vocab(base: Path) -> Vocab:
                            "a GGUF needs the tokenizer (SentencePiece or byte-level BPE)")
 
 
+def _steps(part: Optional[dict]) -> list[dict]:
+    """The steps of a tokenizer.json normalizer / pre-tokenizer (a Sequence or one step)."""
+    if not part:
+        return []
+    if part.get("type") != "Sequence":
+        return [part]
+    return [step for sub in part.get("normalizers") or part.get("pretokenizers") or [] for step in _steps(sub)]
+
+
+def space_prefix(base: Path) -> bool:
+    """Whether the SentencePiece tokenizer in ``base`` puts a space before the text (LLaMA, Mistral: yes;
+    Gemma: no), as llama.cpp's ``tokenizer.ggml.add_space_prefix`` says it (its default is yes). From
+    tokenizer.json, what transformers runs (a ``Prepend("▁")`` normalizer, or a ``Metaspace`` that
+    prepends), else from tokenizer.model's ``add_dummy_prefix``."""
+    if (base / "tokenizer.json").is_file():
+        tj = read_json(base / "tokenizer.json")
+        if any(step.get("type") == "Prepend" for step in _steps(tj.get("normalizer"))):
+            return True
+        return any(step.get("type") == "Metaspace" and (step.get("prepend_scheme") in ("first", "always")
+                                                        or step.get("add_prefix_space") is True)
+                   for step in _steps(tj.get("pre_tokenizer")))
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((base / "tokenizer.model").read_bytes())
+    return bool(proto.normalizer_spec.add_dummy_prefix)
+
+
 def fit_to_rows(vocab: Vocab, rows: int) -> Vocab:
     """Check the vocabulary against the embedding rows; pad missing ids with UNUSED tokens."""
     if len(vocab) > rows:
@@ -234,6 +265,7 @@ def write_tokenizer(writer: GGUFWriter, base: Path, rows: int) -> dict:
     writer.add_token_list(vocab.tokens)
     if vocab.model == "llama":
         writer.add_token_scores(vocab.scores)
+        writer.add_add_space_prefix(space_prefix(base))
     writer.add_token_types(vocab.types)
     with quiet_logger("gguf.vocab", logging.ERROR):  # its heuristics warn about the <s> of a pair template
         special = SpecialVocab(base, load_merges=vocab.model == "gpt2", n_vocab=rows)
@@ -247,4 +279,5 @@ def write_tokenizer(writer: GGUFWriter, base: Path, rows: int) -> dict:
     return {"stop_ids": stops, "model": vocab.model, "pre": vocab.pre, "tokens": len(vocab), "source": vocab.source,
             "special_ids": dict(sorted(special.special_token_ids.items())),
             "add_bos": special.add_special_token.get("bos"), "merges": len(special.merges),
+            "add_space_prefix": space_prefix(base) if vocab.model == "llama" else None,
             "chat_template": special.chat_template is not None}
