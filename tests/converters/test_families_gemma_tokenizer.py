@@ -100,7 +100,7 @@ def test_gemma_stop_ids_and_template_reach_every_output(ckpts, tiny_base, gemma_
     assert stops == [1, _tokenizer(base).convert_tokens_to_ids("<end_of_turn>")]
     llm = _vocab_only(gemma_gguf)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    assert [i for i in range(8) if llama_cpp.llama_vocab_is_eog(vocab, i)] == stops
+    assert [i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)] == stops
     llm.close()
     ckpt = ckpts("gemma3_text", "qa-blora")
     onnx = tmp_path / "onnx"
