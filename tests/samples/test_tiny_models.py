@@ -262,6 +262,29 @@ def test_spm_tokenizer(tmp_path):
     assert chat == "<s>[INST] Hi [/INST]"
 
 
+def test_gemma_tokenizer(tmp_path):
+    import sentencepiece as spm
+
+    d = tmp_path / "gemma"
+    tm.make_tokenizer(d, "gemma", 512)
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    assert type(tok).__name__ == "GemmaTokenizer" and len(tok) == 512
+    assert [tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id] == [0, 1, 2, 3]
+    assert tok.convert_tokens_to_ids(list(tm.GEMMA_TURN_TOKENS)) == [4, 5, 6]
+    special = {t["content"] for t in json.loads((d / "tokenizer.json").read_text())["added_tokens"] if t["special"]}
+    assert set(tm.GEMMA_TURN_TOKENS) <= special
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    assert [sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id()] == [0, 1, 2, 3]
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}],
+                                   tokenize=False, add_generation_prompt=False)
+    assert chat == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nYes<end_of_turn>\n"
+    for s in SENTENCES + tm.prompts() + ["<start_of_turn>user\nHi<end_of_turn>"]:
+        ids = tok.encode(s)
+        assert ids[0] == 2 and ids[1:] == sp.encode(s)  # <bos>, then what SentencePiece does (no dummy prefix)
+        assert tok.decode(ids[1:]) == s and 3 not in ids
+    assert sp.encode("x")[0] != sp.encode(" x")[0]  # no space goes in front
+
+
 def test_bpe_tokenizer(tmp_path):
     d = tmp_path / "bpe"
     tm.make_tokenizer(d, "bpe", 512)
