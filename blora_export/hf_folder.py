@@ -95,8 +95,10 @@ def rope_overrides(config: dict) -> dict:
     if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
         return {}
     extra = {"rope_theta": rope["rope_theta"]}
+    if "partial_rotary_factor" in rope:  # Phi-3 (mlx-lm's phi3 reads it at the top level)
+        extra["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if rope.get("rope_type", "default") != "default":
-        extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        extra["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
     return extra
 
 

@@ -36,6 +36,7 @@ from blora_export.families import (
     layer_kinds,
     layer_windows,
     rope_layers,
+    rotary_dim,
     scales,
 )
 from blora_export.fold import fold_obstacles, fold_refusal, gguf_grid
@@ -234,7 +235,7 @@ def write_hparams(writer: GGUFWriter, hp: HParams, config: dict, vocab_rows: int
     if hp.head_dim * hp.n_head != hp.hidden:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
-    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_dimension_count(rotary_dim(config))  # Phi-3: partial_rotary_factor of head_dim
     writer.add_rope_freq_base(hp.theta)
     scaling = _rope_scaling(config)
     if scaling is not None and scaling[0] == "linear":
