@@ -115,7 +115,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # attn_qkv, ffn_up holding gate|up; mlx-lm's phi3 too), rotate-half (no q/k permutation), rotation on the
     # first partial_rotary_factor·head_dim dims (Phi-4-mini: 0.75), one optional window (sliding_window).
     Family("phi3", "PHI3", permute_qk=False, genai_type="phi3", mlx_model="phi3", fused=("qkv_proj", "gate_up_proj"),
-           rope_types=("default",), window_key="sliding_window"),
+           rope_types=("default", "longrope"), window_key="sliding_window"),
 )}
 #: A fused Linear's parts, in the order of its output rows (transformers' Phi3: ``split`` / ``chunk(2)``).
 FUSED_MEMBERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
