@@ -149,6 +149,9 @@ class DecoderSpec:
     local_rope: Optional[tuple[tuple[float, ...], float]] = None
     local_layers: tuple[bool, ...] = ()  # the layers that use local_rope
     rotary_dim: int = 0  # the first dims of each head that rotate (Phi-3: partial_rotary_factor; 0: all)
+    # LongRoPE (Phi-3): inv_freq is the short one; (long inv_freq, original length) used when the call's
+    # max(position_ids) + 1 exceeds the original length, as transformers' longrope_frequency_update
+    long_rope: Optional[tuple[tuple[float, ...], int]] = None
     groups: tuple[LinearGroup, ...] = LINEAR_GROUPS  # the layer's matmuls (Phi-3: its fused Linears)
 
     @classmethod
@@ -173,7 +176,8 @@ class DecoderSpec:
                    qk_norm=fam.qk_norm, scales=scales(config), rope_layers=rope_layers(config),
                    norm_offset=fam.norm_offset, sandwich_norms=fam.sandwich_norms, activation=ACTIVATIONS[act],
                    local_rope=rope_frequencies(config, dim, path, "sliding_attention") if any(local) else None,
-                   local_layers=tuple(local), rotary_dim=rotary_dim(config), groups=linear_groups(config["model_type"]))
+                   local_layers=tuple(local), rotary_dim=rotary_dim(config), groups=linear_groups(config["model_type"]),
+                   long_rope=long_frequencies(config, path))
 
 
 def rope_frequencies(config: dict, head_dim: int, path=None,
@@ -182,14 +186,14 @@ def rope_frequencies(config: dict, head_dim: int, path=None,
     layers of ``layer_type``, where the family sets the rotation per layer type: Gemma 3)."""
     params = rope_parameters(config, layer_type)
     rope_type = params["rope_type"]
-    if rope_type not in STATIC_ROPE_TYPES:
+    if rope_type not in STATIC_ROPE_TYPES + ("longrope",):
         raise UnsupportedError(f"rope type {rope_type!r} depends on the sequence length; the ONNX export "
-                               f"supports {', '.join(STATIC_ROPE_TYPES)}")
+                               f"supports {', '.join(STATIC_ROPE_TYPES)} and longrope")
     if rope_type == "default":  # over the rotated dims only (transformers: int(head_dim·partial_rotary_factor))
         base, dim = float(params["rope_theta"]), rotary_dim(config)
         inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
         return tuple(float(v) for v in inv), 1.0
-    if rotary_dim(config) != head_dim:
+    if rotary_dim(config) != head_dim and rope_type != "longrope":  # transformers' longrope rotates part itself
         raise UnsupportedError(f"rope type {rope_type!r} with partial_rotary_factor {partial_rotary_factor(config)}: "
                                "the ONNX export rotates part of each head with the default rope only")
     from transformers import AutoConfig
@@ -199,6 +203,21 @@ def rope_frequencies(config: dict, head_dim: int, path=None,
     per_type = isinstance(getattr(hf_config, "rope_parameters", None), dict) and layer_type in hf_config.rope_parameters
     inv, factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None, **({"layer_type": layer_type} if per_type else {}))
     return tuple(float(v) for v in inv.float()), float(factor)
+
+
+def long_frequencies(config: dict, path=None) -> Optional[tuple[tuple[float, ...], int]]:
+    """LongRoPE's long ``inv_freq`` (transformers, for a sequence one past the original length) and that
+    original length; ``None`` for other rope types."""
+    params = rope_parameters(config)
+    if params["rope_type"] != "longrope":
+        return None
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = AutoConfig.from_pretrained(str(path))
+    original = int(hf_config.rope_parameters["original_max_position_embeddings"])
+    inv, _ = ROPE_INIT_FUNCTIONS["longrope"](hf_config, None, seq_len=original + 1)
+    return tuple(float(v) for v in inv.float()), original
 
 
 class Graph:
@@ -262,10 +281,16 @@ def linear(g: Graph, x: str, data: FloatLinear | QuantLinear, name: str) -> str:
     return y
 
 
-def rotary_tables(g: Graph, inv_freq: tuple[float, ...], scaling: float) -> tuple[str, str]:
-    """``cos, sin`` ``[B, 1, S, d]`` from ``position_ids`` (float32, transformers' formula)."""
+def rotary_tables(g: Graph, inv_freq: tuple[float, ...], scaling: float,
+                  long_rope: Optional[tuple[tuple[float, ...], int]] = None) -> tuple[str, str]:
+    """``cos, sin`` ``[B, 1, S, d]`` from ``position_ids`` (float32, transformers' formula); with LongRoPE the
+    long frequencies where ``max(position_ids) + 1`` exceeds the original length, else ``inv_freq``."""
     pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], to=TensorProto.FLOAT), g.const([-1])])
-    freqs = g.op("Mul", [pos, g.const(inv_freq, np.float32)])
+    inv = g.const(inv_freq, np.float32)
+    if long_rope is not None:
+        longest = g.op("Add", [g.op("ReduceMax", ["position_ids"], keepdims=0), g.const(1)])
+        inv = g.op("Where", [g.op("Greater", [longest, g.const(long_rope[1])]), g.const(long_rope[0], np.float32), inv])
+    freqs = g.op("Mul", [pos, inv])
     emb = g.op("Concat", [freqs, freqs], axis=-1)
     tables = []
     for fn in ("Cos", "Sin"):
@@ -407,7 +432,7 @@ def build_decoder(spec: DecoderSpec, weights: WeightProvider, store, progress=it
     sc = spec.scales or Scales(1.0, spec.head_dim ** -0.5, 1.0, 1.0)
     x = scaled(g, g.op("Gather", [embed_ref, "input_ids"], axis=0), sc.embedding)
     ctx = {"masks": {w: attention_bias(g, w) for w in sorted(set(spec.windows), key=lambda w: w or 0)}}
-    ctx["rope"] = rotary_tables(g, spec.inv_freq, spec.rope_scaling)
+    ctx["rope"] = rotary_tables(g, spec.inv_freq, spec.rope_scaling, spec.long_rope)
     if spec.local_rope is not None:  # Gemma 3's local layers: their own base
         ctx["local_rope"] = rotary_tables(g, *spec.local_rope)
     for i in progress(range(spec.num_layers), desc="onnx layers", total=spec.num_layers, unit="layer"):
