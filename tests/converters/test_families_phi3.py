@@ -240,3 +240,20 @@ def test_longrope_is_refused_for_mlx_lm_in_one_line(tiny_base, make_ckpt, tmp_pa
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "mlx-lm's phi3 cannot compute LongRoPE" in err and "GGUF, safetensors or PEFT" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_phi3_window_in_onnx_and_refused_by_mlx_lm(tiny_base, make_ckpt, tmp_path, capsys):
+    """A ``sliding_window`` of 8 tokens (the prompts are 13-21): the ONNX graph masks it; mlx-lm's phi3 has no
+    window and llama.cpp disables Phi-3's (src/models/phi3.cpp): MLX refuses, GGUF caps the context at it."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base(ARCH), base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    li, lo, quant = METHODS["qa-blora"]
+    ckpt = make_ckpt(base, "qa-blora", li, lo, base_quant=quant)
+    _verified(ckpt, tmp_path / "onnx", "onnx-fp32", "qa-blora")
+    code, err = run_cli(capsys, "to-safetensors", ckpt, tmp_path / "mlx", "--layout", "mlx", "--quiet")
+    assert code == 2 and len(err.splitlines()) == 1 and "sliding window of 8 tokens" in err, err
+    api.export(ckpt, tmp_path / "m.gguf", "gguf", gguf_type="f32", quiet=True)
+    assert field(tmp_path / "m.gguf", "phi3.context_length") == 8
