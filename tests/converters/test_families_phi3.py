@@ -257,3 +257,22 @@ def test_phi3_window_in_onnx_and_refused_by_mlx_lm(tiny_base, make_ckpt, tmp_pat
     assert code == 2 and len(err.splitlines()) == 1 and "sliding window of 8 tokens" in err, err
     api.export(ckpt, tmp_path / "m.gguf", "gguf", gguf_type="f32", quiet=True)
     assert field(tmp_path / "m.gguf", "phi3.context_length") == 8
+
+
+@pytest.mark.slow
+def test_phi3_gguf_lora_adapter_on_its_base_equals_the_merged_export(ckpts, tmp_path):
+    """``--adapter-only``: LoRA pairs on the fused ``attn_qkv`` / ``ffn_up`` that llama.cpp applies on top of the
+    ``--base-only`` file, as the merged export computes."""
+    from blora_export.numerics import logit_stats
+    from blora_export.reference import DEFAULT_PROMPTS, tokenize_prompts
+    from converters.gguf_runtime import llama_cpp_logits
+
+    ckpt = ckpts(ARCH, "qa-blora")
+    adapter, base, merged = tmp_path / "adapter.gguf", tmp_path / "base.gguf", tmp_path / "merged.gguf"
+    api.export(ckpt, adapter, "gguf", adapter_only=True, quiet=True)
+    api.export(ckpt, base, "gguf", gguf_type="f32", base_only=True, quiet=True)
+    api.export(ckpt, merged, "gguf", gguf_type="f32", quiet=True)
+    assert {"blk.0.attn_qkv.weight.lora_a", "blk.0.ffn_up.weight.lora_b"} <= {t.name for t in GGUFReader(str(adapter)).tensors}
+    ids = tokenize_prompts(api.open_job(ckpt, quiet=True).base, DEFAULT_PROMPTS)
+    stats = logit_stats(llama_cpp_logits(merged, ids), llama_cpp_logits(base, ids, lora=adapter))
+    assert stats.max_rel < 1e-3 and stats.top1_agreement == 1.0, stats
