@@ -7,7 +7,10 @@ transformers (``_compute_longrope_parameters``) divides each rotated frequency b
 
 llama.cpp's converter (``Phi3MiniModel``) writes both lists as ``rope_factors_short.weight`` /
 ``rope_factors_long.weight`` (F32, rotated dims / 2), the attention factor as
-``rope.scaling.attn_factor`` and ``rope.scaling.original_context_length``; at run time llama.cpp takes the
+``rope.scaling.attn_factor`` and ``rope.scaling.original_context_length`` (the converter always recomputes the
+factor from the lengths; a config's own ``attention_factor`` is written here, as transformers uses it; the
+rotated dims are transformers' ``int(head_dim·factor)``, the converter's ``int(factor·hidden)//heads`` where
+head_dim = hidden/heads); at run time llama.cpp takes the
 long factors when its context per sequence exceeds the original length (llama_model::get_rope_factors),
 transformers when the sequence does: the two agree on every sequence when llama.cpp's context is at most
 the original length, and on sequences longer than it otherwise.
@@ -64,6 +67,6 @@ def write_longrope_keys(writer: gguf.GGUFWriter, rope: LongRope, context: int) -
     writer.add_rope_scaling_attn_factors(rope.attention_factor)
     writer.add_rope_scaling_orig_ctx_len(rope.original_context)
     if context > rope.original_context and rope.short != rope.long:
-        log.info("LongRoPE: llama.cpp uses the long factors at every position when its context exceeds %d tokens "
+        log.warning("LongRoPE: llama.cpp uses the long factors at every position when its context exceeds %d tokens "
                  "(transformers only on longer sequences); open it with n_ctx <= %d to compute transformers' "
                  "model on shorter ones", rope.original_context, rope.original_context)
