@@ -145,7 +145,7 @@ class BaseModel(TensorFolder):
         if not cfg.get("head_dim") and cfg["hidden_size"] % heads:
             problems.append(f"num_attention_heads {heads} does not divide hidden_size {cfg['hidden_size']} "
                             "(and no head_dim is given)")
-        for proj, n in (("q_proj", heads), ("k_proj", kv), ("v_proj", kv)):
+        for proj, n in (("q_proj", heads), ("k_proj", kv), ("v_proj", kv), ("qkv_proj", heads + 2 * kv)):
             name = f"model.layers.0.self_attn.{proj}.weight"
             if name in self.shards and self.shape(name)[0] != n * head_dim:
                 problems.append(f"{name} has {self.shape(name)[0]} rows but {n} heads x head_dim {head_dim} "

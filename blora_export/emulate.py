@@ -69,6 +69,7 @@ class Arithmetic:
     rules: dict = field(default_factory=dict)  # module name -> Rule
     kv_dtype: Optional[torch.dtype] = None
     act_dtype: Optional[torch.dtype] = None  # the MLP nonlinearity's input and output (ggml's fp16 GELU table)
+    q_rows: int = 0  # a fused qkv_proj (Phi-3): its first q_rows outputs are q, the rest k|v (cached in kv_dtype)
 
     def hooks(self, part: torch.nn.Module, prefix: str) -> list:
         handles = []
@@ -79,10 +80,15 @@ class Arithmetic:
                 handles.append(sub.register_forward_pre_hook(lambda _m, args, rule=rule: (rule(args[0]),) + args[1:]))
             if self.kv_dtype is not None and name.rsplit(".", 1)[-1] in KV_PROJECTIONS:
                 handles.append(sub.register_forward_hook(lambda _m, _a, out: round_dtype(out, self.kv_dtype)))
+            if self.kv_dtype is not None and name.endswith("self_attn.qkv_proj"):
+                handles.append(sub.register_forward_hook(self._round_fused_kv))
             if self.act_dtype is not None and name.endswith("mlp.act_fn"):
                 handles.append(sub.register_forward_pre_hook(lambda _m, args: (round_dtype(args[0], self.act_dtype),)))
                 handles.append(sub.register_forward_hook(lambda _m, _a, out: round_dtype(out, self.act_dtype)))
         return handles
+
+    def _round_fused_kv(self, _module, _args, out: torch.Tensor) -> torch.Tensor:
+        return torch.cat([out[..., : self.q_rows], round_dtype(out[..., self.q_rows:], self.kv_dtype)], dim=-1)
 
 
 #: mlx-lm models that multiply the token embeddings by √hidden_size rounded to bfloat16

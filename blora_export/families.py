@@ -29,8 +29,12 @@ llama.cpp's converter and onnxruntime-genai's builder):
   :func:`layer_rope_parameters`);
 * ``formats``: the formats whose writers implement the row (``None``: all); the others refuse it
   in one line (:func:`require_format`);
-* ``fused``: Linear groups the base itself stores fused (none of the supported rows);
-* ``rope_types``: the rope scalings each writer can represent for this family;
+* ``fused``: the base stores its Linears fused (Phi-3: ``qkv_proj`` = q|k|v rows, ``gate_up_proj`` =
+  gate|up rows): each is one adapted module (its λ inferred from the fused shape) and every writer keeps
+  it fused or splits its rows in that order (:data:`FUSED_MEMBERS`);
+* ``rope_types``: the rope scalings the GGUF writer can represent for this family;
+* ``partial_rotary``: the family's model rotates the first ``partial_rotary_factor``·head_dim dims only
+  (Phi-3; :func:`rotary_dim`);
 * ``window_key``: the config key of one attention window shared by every layer (Mistral);
 * ``genai_type``: onnxruntime-genai's ``model.type``; ``mlx_model``: the mlx-lm module that runs it.
 
@@ -68,10 +72,7 @@ class Family:
     layer_windows: bool = False  # config layer_types marks the layers attending within sliding_window
     layer_rope: bool = False  # Gemma 3: rope_parameters per layer type (local base, scaling on global layers)
     formats: Optional[tuple[str, ...]] = None  # the formats whose writers implement the row (None: all)
-
-    def unimplemented(self) -> list[str]:
-        """Conventions of this row that no writer implements yet (a row that sets one is refused)."""
-        return [name for name, value in (("fused projections", self.fused),) if value]
+    partial_rotary: bool = False  # transformers' model reads partial_rotary_factor (Phi-3); others rotate all dims
 
 
 #: ``embedding_scale`` of a family whose embeddings are multiplied by √hidden_size (Gemma).
@@ -109,8 +110,15 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            qk_norm=True, norm_offset=1.0, embedding_scale=SQRT_HIDDEN, attn_softcap="attn_logit_softcapping",
            final_softcap="final_logit_softcapping", query_scalar="query_pre_attn_scalar", sandwich_norms=True,
            layer_windows=True, layer_rope=True),
+    # Phi-3 / Phi-3.5-mini / Phi-4-mini: q|k|v and gate|up stored fused (llama.cpp's phi3 keeps them fused:
+    # attn_qkv, ffn_up holding gate|up; mlx-lm's phi3 too), rotate-half (no q/k permutation), rotation on the
+    # first partial_rotary_factor·head_dim dims (Phi-4-mini: 0.75), one optional window (sliding_window).
+    Family("phi3", "PHI3", permute_qk=False, genai_type="phi3", mlx_model="phi3", fused=("qkv_proj", "gate_up_proj"),
+           rope_types=("default", "longrope"), window_key="sliding_window", partial_rotary=True),
 )}
-SUPPORTED = tuple(m for m, f in FAMILIES.items() if not f.unimplemented())
+#: A fused Linear's parts, in the order of its output rows (transformers' Phi3: ``split`` / ``chunk(2)``).
+FUSED_MEMBERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+SUPPORTED = tuple(FAMILIES)
 
 
 def family(model_type: Optional[str]) -> Family:
@@ -118,10 +126,7 @@ def family(model_type: Optional[str]) -> Family:
     if model_type not in FAMILIES:
         raise UnsupportedError(f"base model architecture {model_type!r} is not supported; "
                                f"supported: {', '.join(SUPPORTED)}")
-    row = FAMILIES[model_type]
-    if row.unimplemented():
-        raise UnsupportedError(f"{model_type}: the writers do not implement its {', '.join(row.unimplemented())} yet")
-    return row
+    return FAMILIES[model_type]
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,38 @@ def scales(config: dict) -> Scales:
 def head_dim(config: dict) -> int:
     """``head_dim`` from the config when given (Qwen3, Gemma: it may differ from hidden/heads)."""
     return int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
+
+
+def partial_rotary_factor(config: dict) -> float:
+    """The fraction of each head's dims that is rotated (transformers 5 keeps it in ``rope_parameters``,
+    4.x at the top level; 1 when neither says, or where the family's model ignores it)."""
+    from .base import rope_parameters
+
+    if not family(config.get("model_type")).partial_rotary:
+        return 1.0
+    value = rope_parameters(config).get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    return 1.0 if value is None else float(value)
+
+
+def rotary_dim(config: dict) -> int:
+    """The dims of each head the rotation acts on, the first ones (transformers: ``int(head_dim·factor)``)."""
+    dim = int(head_dim(config) * partial_rotary_factor(config))
+    if dim % 2 or dim < 2:
+        raise BadInputError(f"partial_rotary_factor {partial_rotary_factor(config)} gives {dim} rotated dims of "
+                            f"{head_dim(config)}: it must be an even number >= 2")
+    return dim
+
+
+def fused_rows(config: dict, module: str) -> Optional[tuple[int, ...]]:
+    """The output rows of each part of a fused Linear (``qkv_proj``: q, k, v; ``gate_up_proj``: gate, up),
+    or ``None`` for a Linear that is not fused."""
+    if module not in FUSED_MEMBERS:
+        return None
+    if module == "gate_up_proj":
+        return (int(config["intermediate_size"]),) * 2
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    return heads * head_dim(config), kv * head_dim(config), kv * head_dim(config)
 
 
 def attention_window(config: dict) -> Optional[int]:

@@ -92,12 +92,33 @@ def rope_overrides(config: dict) -> dict:
     rope = config.get("rope_parameters")
     if isinstance(rope, dict) and rope and set(rope) <= set(LAYER_TYPES):
         return gemma3_mlx_keys(config)
+    if config.get("model_type") == "phi3":
+        check_mlx_phi3(config)
     if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
         return {}
     extra = {"rope_theta": rope["rope_theta"]}
+    if "partial_rotary_factor" in rope:  # Phi-3 (mlx-lm's phi3 reads it at the top level)
+        extra["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if rope.get("rope_type", "default") != "default":
-        extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        extra["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
     return extra
+
+
+def check_mlx_phi3(config: dict) -> None:
+    """mlx-lm's phi3 takes head_dim = hidden/heads and rotates with LongRoPE's long factors at every length
+    (transformers: the short ones up to ``original_max_position_embeddings``): refuse a config it would not
+    compute, in one line."""
+    from .families import head_dim
+
+    heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
+    problems = [f"head_dim {head_dim(config)} (mlx-lm's phi3 takes hidden/heads = {hidden // heads})"
+                if head_dim(config) * heads != hidden else "",
+                "LongRoPE (it rotates with the long factors at every length)"
+                if rope_parameters(config)["rope_type"] in ("longrope", "su") else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise UnsupportedError(f"phi3: mlx-lm's phi3 cannot compute {'; '.join(problems)}: "
+                               "export to GGUF, safetensors or PEFT")
 
 
 def gemma3_mlx_keys(config: dict) -> dict:

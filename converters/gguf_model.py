@@ -36,6 +36,7 @@ from blora_export.families import (
     layer_kinds,
     layer_windows,
     rope_layers,
+    rotary_dim,
     scales,
 )
 from blora_export.fold import fold_obstacles, fold_refusal, gguf_grid
@@ -45,6 +46,7 @@ from blora_export.ptq import PtqError
 from blora_export.quant import fold_into_zero_points, quantize_minmax, to_row_blocks
 from blora_export.spec import MinMaxGrid
 
+from .gguf_longrope import LONG, SHORT, longrope, write_longrope_keys
 from .gguf_quants import GGUF_TYPES, MIN_TYPE_FOR_BITS, QK, GGUFType, dequantize, encode_float, pack_rows, quantize
 
 
@@ -160,7 +162,7 @@ def _rope_scaling(config: dict) -> Optional[tuple[str, float]]:
                                f"{config['model_type']} ({', '.join(allowed)} are)")
     if kind == "default":
         return None
-    return kind, float(params["factor"])
+    return kind, float(params.get("factor") or 1.0)
 
 
 def llama3_rope_factors(config: dict) -> np.ndarray:
@@ -234,13 +236,15 @@ def write_hparams(writer: GGUFWriter, hp: HParams, config: dict, vocab_rows: int
     if hp.head_dim * hp.n_head != hp.hidden:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
-    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_dimension_count(rotary_dim(config))  # Phi-3: partial_rotary_factor of head_dim
     writer.add_rope_freq_base(hp.theta)
     scaling = _rope_scaling(config)
     if scaling is not None and scaling[0] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling[1])
-    # llama3: no key; the factors travel as the rope_freqs.weight tensor (tensor_plan)
+    # llama3: no key; the factors travel as the rope_freqs.weight tensor (tensor_plan); LongRoPE: two tensors too
+    if longrope(config) is not None:
+        write_longrope_keys(writer, longrope(config), hp.context_written)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_vocab_size(vocab_rows)
     write_multipliers(writer, config)
@@ -329,6 +333,9 @@ def tensor_plan(job: ExportJob, arch: ArchSpec, hp: HParams, gtype: GGUFType, qu
     specs, names = [], job.base.names()
     if (_rope_scaling(job.base.config) or ("default",))[0] == "llama3":  # llama3: factors as a tensor
         specs.append(TensorSpec(ROPE_FREQS, "", (hp.head_dim // 2,), GGUF_TYPES["f32"], "rope_freqs", None))
+    if longrope(job.base.config) is not None:  # Phi-3's LongRoPE: short and long factors (gguf_longrope)
+        specs += [TensorSpec(name, "", (rotary_dim(job.base.config) // 2,), GGUF_TYPES["f32"], "rope_freqs", None)
+                  for name in (LONG, SHORT)]
     if not hp.tied and "lm_head.weight" not in names:
         raise BadInputError(f"{job.base.path}: config says untied embeddings but there is no lm_head.weight")
     for source in names:
@@ -402,7 +409,8 @@ def _rows(x: torch.Tensor, heads: Optional[int]) -> torch.Tensor:
 def encode_tensor(spec: TensorSpec, ctx: EncodeContext) -> np.ndarray:
     """The bytes (or float array) of one tensor; reads one base tensor."""
     if spec.role == "rope_freqs":
-        return llama3_rope_factors(ctx.job.base.config)
+        rope = longrope(ctx.job.base.config)
+        return llama3_rope_factors(ctx.job.base.config) if rope is None else rope.factors(spec.name)
     job, weight = ctx.job, ctx.job.base.tensor(spec.source)
     if spec.role == "norm":  # llama.cpp computes x·w: a family's offset (Gemma: x·(1+w)) is stored, in float32
         offset = family(job.base.model_type).norm_offset

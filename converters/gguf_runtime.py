@@ -43,6 +43,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from blora_export.base import DECODER_LINEAR
 from blora_export.emulate import NONE, Arithmetic, Rule
 from blora_export.errors import BadInputError, UnsupportedError
+from blora_export.families import family, fused_rows
 from blora_export.job import Artifact, ExportJob
 from blora_export.numerics import logit_stats
 from blora_export.quant import fold_into_zero_points, quantize_minmax
@@ -280,7 +281,8 @@ def llama_cpp_arithmetic(types: dict, job: Optional[ExportJob] = None) -> Arithm
                                           NONE if gtype.float_dtype == torch.float32 else
                                           Rule("dtype", dtype=gtype.float_dtype))
     gelu = job is not None and "gelu" in str(job.base.config.get("hidden_activation") or job.base.config.get("hidden_act"))
-    return Arithmetic(rules, kv_dtype=torch.float16, act_dtype=torch.float16 if gelu else None)
+    q_rows = fused_rows(job.base.config, "qkv_proj")[0] if job is not None and family(job.base.model_type).fused else 0
+    return Arithmetic(rules, kv_dtype=torch.float16, act_dtype=torch.float16 if gelu else None, q_rows=q_rows)
 
 
 def expected_fold_stream(job: ExportJob) -> Stream:

@@ -35,7 +35,17 @@ from onnx import TensorProto, helper
 
 from blora_export.base import rope_parameters
 from blora_export.errors import UnsupportedError
-from blora_export.families import Scales, family, head_dim, layer_kinds, layer_windows, rope_layers, scales
+from blora_export.families import (
+    Scales,
+    family,
+    head_dim,
+    layer_kinds,
+    layer_windows,
+    partial_rotary_factor,
+    rope_layers,
+    rotary_dim,
+    scales,
+)
 
 IR_VERSION = 10
 OPSET = 21
@@ -64,6 +74,18 @@ LINEAR_GROUPS = (
     LinearGroup("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
     LinearGroup("mlp.down_proj", ("mlp.down_proj",)),
 )
+#: The same groups where the base stores them fused (the family's ``fused``: Phi-3): one member each.
+FUSED_GROUPS = (
+    LinearGroup("attn.qkv_proj", ("self_attn.qkv_proj",)),
+    LINEAR_GROUPS[1],
+    LinearGroup("mlp.gate_up_proj", ("mlp.gate_up_proj",)),
+    LINEAR_GROUPS[3],
+)
+
+
+def linear_groups(model_type: str) -> tuple[LinearGroup, ...]:
+    """The four matmuls of a decoder layer and the base Linears whose rows each concatenates."""
+    return FUSED_GROUPS if family(model_type).fused else LINEAR_GROUPS
 
 
 @dataclass(frozen=True)
@@ -126,6 +148,11 @@ class DecoderSpec:
     # Gemma 3: the local layers' (inv_freq, scaling), their own base and no scaling (None: one rotation)
     local_rope: Optional[tuple[tuple[float, ...], float]] = None
     local_layers: tuple[bool, ...] = ()  # the layers that use local_rope
+    rotary_dim: int = 0  # the first dims of each head that rotate (Phi-3: partial_rotary_factor; 0: all)
+    # LongRoPE (Phi-3): inv_freq is the short one; (long inv_freq, original length) used when the call's
+    # max(position_ids) + 1 exceeds the original length, as transformers' longrope_frequency_update
+    long_rope: Optional[tuple[tuple[float, ...], int]] = None
+    groups: tuple[LinearGroup, ...] = LINEAR_GROUPS  # the layer's matmuls (Phi-3: its fused Linears)
 
     @classmethod
     def from_config(cls, config: dict, path=None) -> "DecoderSpec":
@@ -149,7 +176,8 @@ class DecoderSpec:
                    qk_norm=fam.qk_norm, scales=scales(config), rope_layers=rope_layers(config),
                    norm_offset=fam.norm_offset, sandwich_norms=fam.sandwich_norms, activation=ACTIVATIONS[act],
                    local_rope=rope_frequencies(config, dim, path, "sliding_attention") if any(local) else None,
-                   local_layers=tuple(local))
+                   local_layers=tuple(local), rotary_dim=rotary_dim(config), groups=linear_groups(config["model_type"]),
+                   long_rope=long_frequencies(config, path))
 
 
 def rope_frequencies(config: dict, head_dim: int, path=None,
@@ -158,15 +186,16 @@ def rope_frequencies(config: dict, head_dim: int, path=None,
     layers of ``layer_type``, where the family sets the rotation per layer type: Gemma 3)."""
     params = rope_parameters(config, layer_type)
     rope_type = params["rope_type"]
-    if rope_type not in STATIC_ROPE_TYPES:
+    if rope_type not in STATIC_ROPE_TYPES + ("longrope",):
         raise UnsupportedError(f"rope type {rope_type!r} depends on the sequence length; the ONNX export "
-                               f"supports {', '.join(STATIC_ROPE_TYPES)}")
-    if config.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedError("partial rotary embeddings are not supported by the ONNX export")
-    if rope_type == "default":
-        base = float(params["rope_theta"])
-        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim))
+                               f"supports {', '.join(STATIC_ROPE_TYPES)} and longrope")
+    if rope_type == "default":  # over the rotated dims only (transformers: int(head_dim·partial_rotary_factor))
+        base, dim = float(params["rope_theta"]), rotary_dim(config)
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
         return tuple(float(v) for v in inv), 1.0
+    if rotary_dim(config) != head_dim and rope_type != "longrope":  # transformers' longrope rotates part itself
+        raise UnsupportedError(f"rope type {rope_type!r} with partial_rotary_factor {partial_rotary_factor(config)}: "
+                               "the ONNX export rotates part of each head with the default rope only")
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -174,6 +203,21 @@ def rope_frequencies(config: dict, head_dim: int, path=None,
     per_type = isinstance(getattr(hf_config, "rope_parameters", None), dict) and layer_type in hf_config.rope_parameters
     inv, factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None, **({"layer_type": layer_type} if per_type else {}))
     return tuple(float(v) for v in inv.float()), float(factor)
+
+
+def long_frequencies(config: dict, path=None) -> Optional[tuple[tuple[float, ...], int]]:
+    """LongRoPE's long ``inv_freq`` (transformers, for a sequence one past the original length) and that
+    original length; ``None`` for other rope types."""
+    params = rope_parameters(config)
+    if params["rope_type"] != "longrope":
+        return None
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = AutoConfig.from_pretrained(str(path))
+    original = int(hf_config.rope_parameters["original_max_position_embeddings"])
+    inv, _ = ROPE_INIT_FUNCTIONS["longrope"](hf_config, None, seq_len=original + 1)
+    return tuple(float(v) for v in inv.float()), original
 
 
 class Graph:
@@ -237,10 +281,16 @@ def linear(g: Graph, x: str, data: FloatLinear | QuantLinear, name: str) -> str:
     return y
 
 
-def rotary_tables(g: Graph, inv_freq: tuple[float, ...], scaling: float) -> tuple[str, str]:
-    """``cos, sin`` ``[B, 1, S, d]`` from ``position_ids`` (float32, transformers' formula)."""
+def rotary_tables(g: Graph, inv_freq: tuple[float, ...], scaling: float,
+                  long_rope: Optional[tuple[tuple[float, ...], int]] = None) -> tuple[str, str]:
+    """``cos, sin`` ``[B, 1, S, d]`` from ``position_ids`` (float32, transformers' formula); with LongRoPE the
+    long frequencies where ``max(position_ids) + 1`` exceeds the original length, else ``inv_freq``."""
     pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], to=TensorProto.FLOAT), g.const([-1])])
-    freqs = g.op("Mul", [pos, g.const(inv_freq, np.float32)])
+    inv = g.const(inv_freq, np.float32)
+    if long_rope is not None:
+        longest = g.op("Add", [g.op("ReduceMax", ["position_ids"], keepdims=0), g.const(1)])
+        inv = g.op("Where", [g.op("Greater", [longest, g.const(long_rope[1])]), g.const(long_rope[0], np.float32), inv])
+    freqs = g.op("Mul", [pos, inv])
     emb = g.op("Concat", [freqs, freqs], axis=-1)
     tables = []
     for fn in ("Cos", "Sin"):
@@ -251,11 +301,16 @@ def rotary_tables(g: Graph, inv_freq: tuple[float, ...], scaling: float) -> tupl
     return tables[0], tables[1]
 
 
-def apply_rotary(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
-    half = head_dim // 2
+def apply_rotary(g: Graph, x: str, cos: str, sin: str, head_dim: int, rotary_dim: int = 0) -> str:
+    """``x·cos + rotate_half(x)·sin`` on the first ``rotary_dim`` dims (0: all), the rest passed through."""
+    rot = rotary_dim or head_dim
+    if rot != head_dim:
+        x, rest = g.op("Split", [x, g.const([rot, head_dim - rot])], outputs=2, axis=-1)
+    half = rot // 2
     x1, x2 = g.op("Split", [x, g.const([half, half])], outputs=2, axis=-1)
     rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+    out = g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+    return out if rot == head_dim else g.op("Concat", [out, rest], axis=-1)
 
 
 def attention_bias(g: Graph, window: Optional[int]) -> str:
@@ -282,7 +337,7 @@ def heads_first(g: Graph, x: str, heads: int, head_dim: int) -> str:
 
 def attention(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvider, ctx: dict) -> str:
     hd, nh, nkv = spec.head_dim, spec.heads, spec.kv_heads
-    qkv = linear(g, x, weights.linear(i, LINEAR_GROUPS[0]), f"model.layers.{i}.attn.qkv_proj")
+    qkv = linear(g, x, weights.linear(i, spec.groups[0]), f"model.layers.{i}.attn.qkv_proj")
     q, k, v = g.op("Split", [qkv, g.const([nh * hd, nkv * hd, nkv * hd])], outputs=3, axis=-1)
     q, k = heads_first(g, q, nh, hd), heads_first(g, k, nkv, hd)
     if spec.qk_norm:  # RMSNorm over each head's d values, before the rotation
@@ -294,8 +349,8 @@ def attention(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvid
     if not spec.rope_layers or spec.rope_layers[i]:  # SmolLM3's NoPE layers: no rotation
         local = bool(spec.local_layers) and spec.local_layers[i] and spec.local_rope is not None
         cos, sin = ctx["local_rope"] if local else ctx["rope"]
-        q = apply_rotary(g, q, cos, sin, hd)
-        k = apply_rotary(g, k, cos, sin, hd)
+        q = apply_rotary(g, q, cos, sin, hd, spec.rotary_dim)
+        k = apply_rotary(g, k, cos, sin, hd, spec.rotary_dim)
     k_all = g.op("Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
     v_all = g.op("Concat", [f"past_key_values.{i}.value", heads_first(g, v, nkv, hd)],
                  outputs=[f"present.{i}.value"], axis=2)
@@ -307,17 +362,17 @@ def attention(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvid
     probs = g.op("Reshape", [g.op("Softmax", [scores], axis=-1), g.const([0, nkv, -1, 0])])
     out = g.op("Reshape", [g.op("MatMul", [probs, v_all]), g.const([0, nh, -1, hd])])
     out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd])])
-    return linear(g, out, weights.linear(i, LINEAR_GROUPS[1]), f"model.layers.{i}.attn.o_proj")
+    return linear(g, out, weights.linear(i, spec.groups[1]), f"model.layers.{i}.attn.o_proj")
 
 
 def mlp(g: Graph, spec: DecoderSpec, i: int, x: str, weights: WeightProvider) -> str:
-    gate_up = linear(g, x, weights.linear(i, LINEAR_GROUPS[2]), f"model.layers.{i}.mlp.gate_up_proj")
+    gate_up = linear(g, x, weights.linear(i, spec.groups[2]), f"model.layers.{i}.mlp.gate_up_proj")
     gate, up = g.op("Split", [gate_up, g.const([spec.intermediate, spec.intermediate])], outputs=2, axis=-1)
     if spec.activation == "gelu_tanh":
         act = g.op("Mul", [g.op("Gelu", [gate], approximate="tanh"), up])
     else:
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-    return linear(g, act, weights.linear(i, LINEAR_GROUPS[3]), f"model.layers.{i}.mlp.down_proj")
+    return linear(g, act, weights.linear(i, spec.groups[3]), f"model.layers.{i}.mlp.down_proj")
 
 
 def softcapped(g: Graph, x: str, cap: Optional[float]) -> str:
@@ -377,7 +432,7 @@ def build_decoder(spec: DecoderSpec, weights: WeightProvider, store, progress=it
     sc = spec.scales or Scales(1.0, spec.head_dim ** -0.5, 1.0, 1.0)
     x = scaled(g, g.op("Gather", [embed_ref, "input_ids"], axis=0), sc.embedding)
     ctx = {"masks": {w: attention_bias(g, w) for w in sorted(set(spec.windows), key=lambda w: w or 0)}}
-    ctx["rope"] = rotary_tables(g, spec.inv_freq, spec.rope_scaling)
+    ctx["rope"] = rotary_tables(g, spec.inv_freq, spec.rope_scaling, spec.long_rope)
     if spec.local_rope is not None:  # Gemma 3's local layers: their own base
         ctx["local_rope"] = rotary_tables(g, *spec.local_rope)
     for i in progress(range(spec.num_layers), desc="onnx layers", total=spec.num_layers, unit="layer"):

@@ -33,7 +33,7 @@ from blora_export.quant import expand_blocks, quantize_minmax, to_row_blocks, tr
 from blora_export.spec import MinMaxGrid
 from blora_export.tensor_io import one_thread
 
-from .onnx_graph import LINEAR_GROUPS, ONNX_DTYPES, FloatLinear, LinearGroup, QuantLinear
+from .onnx_graph import FUSED_GROUPS, LINEAR_GROUPS, ONNX_DTYPES, FloatLinear, LinearGroup, QuantLinear
 
 INLINE_BYTES = 1024  # small constants stay in model.onnx
 ALIGN = 4096  # external data offsets (page-aligned for memory mapping)
@@ -257,7 +257,7 @@ def locate(weight_name: str) -> tuple[int, LinearGroup]:
     """``model.layers.{i}.<member>.weight`` -> ``(i, its fused group)``."""
     _, _, layer, rest = weight_name.split(".", 3)
     member = rest[: -len(".weight")]
-    return int(layer), next(g for g in LINEAR_GROUPS if member in g.members)
+    return int(layer), next(g for g in LINEAR_GROUPS + FUSED_GROUPS if member in g.members)
 
 
 def reference_codes(job: ExportJob, name: str, block: int, requantize: bool, bits: int):

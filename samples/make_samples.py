@@ -24,7 +24,8 @@ from blora_export.delta import AdapterModule  # noqa: E402
 from blora_export.save import save_checkpoint  # noqa: E402
 from blora_export.spec import BloraConfig, MinMaxGrid, NF4Base, adapter_scaling  # noqa: E402
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "qkv_proj", "gate_up_proj")  # Phi-3's fused Linears
 
 
 def random_modules(base: BaseModel, method: str, lambda_in: int, lambda_out: int, rank: int, scaling: float,

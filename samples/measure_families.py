@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", default="qa-blora", choices=list(METHODS))
     parser.add_argument("--arch", nargs="*", default=["llama", "mistral", "qwen2", "llama3", "qwen3", "granite", "smollm3", "gemma2",
-                                                       "gemma3_text"])
+                                                       "gemma3_text", "phi3"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     li, lo, quant = METHODS[args.method]

@@ -49,15 +49,15 @@ __all__ = [
 
 CORPUS_PATH = Path(__file__).resolve().parent / "corpus.txt"
 
-ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3", "granite", "smollm3", "gemma2", "gemma3_text")
+ARCHS = ("llama", "mistral", "qwen2", "llama3", "qwen3", "granite", "smollm3", "gemma2", "gemma3_text", "phi3")
 # Which tokenizer each architecture gets ("llama3" is a LlamaForCausalLM with Llama 3.x conventions).
 TOKENIZER_KIND = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "llama3": "llama3", "qwen3": "bpe",
-                  "granite": "bpe", "smollm3": "llama3", "gemma2": "gemma", "gemma3_text": "gemma"}
+                  "granite": "bpe", "smollm3": "llama3", "gemma2": "gemma", "gemma3_text": "gemma", "phi3": "phi3"}
 # Deliberately different per architecture so a converter that ignores rope_theta gets caught.
 ROPE_THETA = {"llama": 10000.0, "mistral": 1000000.0, "qwen2": 1000000.0, "llama3": 10000.0, "qwen3": 1000000.0,
-              "granite": 10000.0, "smollm3": 5000000.0, "gemma2": 10000.0, "gemma3_text": 1000000.0}
+              "granite": 10000.0, "smollm3": 5000000.0, "gemma2": 10000.0, "gemma3_text": 1000000.0, "phi3": 250000.0}
 RMS_NORM_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6, "llama3": 1e-5, "qwen3": 1e-6, "granite": 1e-5,
-                "smollm3": 1e-6, "gemma2": 1e-6, "gemma3_text": 1e-6}
+                "smollm3": 1e-6, "gemma2": 1e-6, "gemma3_text": 1e-6, "phi3": 1e-5}
 MAX_POSITION_EMBEDDINGS = 512
 # Llama 3.x rope scaling with an original context so short (64) that the 8x scaling of the low
 # frequencies changes the tiny model's logits on the 10-20 token prompts: a writer that drops it
@@ -87,6 +87,9 @@ GEMMA3_CONVENTIONS = {"query_pre_attn_scalar": 32, "sliding_window": 8, "hidden_
                       "final_logit_softcapping": None, "attn_logit_softcapping": None}
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 GEMMA3_PATTERN = 3  # layer i is global when (i + 1) % 3 == 0 (Gemma 3: 6)
+# Phi-4-mini: the rotation acts on the first 3/4 of each head's dims (Phi-3.5-mini: all of them); rope base
+# 250000 (Phi-4-mini 10000: another value so a writer that ignores it is caught).
+PHI3_PARTIAL_ROTARY = 0.75
 # Qwen3-0.6B/4B style: head_dim (48) is not hidden/heads (32).
 QWEN3_HEAD_DIM = 48
 
@@ -366,6 +369,33 @@ def _make_llama3_tokenizer(out_dir: Path, vocab_size: int) -> None:
     _write_special_tokens_map(out_dir, tok)
 
 
+# Phi-3's tokenizer: Llama's SentencePiece plus these added tokens after it (<|endoftext|> is its EOS; llama.cpp
+# looks it up by text when general.name names Phi-3), and its chat template.
+PHI3_SPECIAL_TOKENS = ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>")
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def _make_phi3_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """Phi-3 style: the spm tokenizer of ``vocab_size - 5`` pieces, then PHI3_SPECIAL_TOKENS as added special
+    tokens, ``<|endoftext|>`` the EOS."""
+    from transformers import AutoTokenizer
+
+    _make_spm_tokenizer(out_dir, vocab_size - len(PHI3_SPECIAL_TOKENS))
+    tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+    tok.add_special_tokens({"eos_token": PHI3_SPECIAL_TOKENS[0]})
+    tok.add_special_tokens({"additional_special_tokens": list(PHI3_SPECIAL_TOKENS[1:])})
+    tok.chat_template = PHI3_CHAT_TEMPLATE
+    proto = (out_dir / "tokenizer.model").read_bytes()
+    tok.save_pretrained(str(out_dir), save_jinja_files=False)
+    (out_dir / "tokenizer.model").write_bytes(proto)
+    _clean_tokenizer_config(out_dir, {"add_bos_token": True, "add_eos_token": False,
+                                      "model_max_length": MAX_POSITION_EMBEDDINGS})
+    _write_special_tokens_map(out_dir, tok)
+
+
 def _make_bpe_tokenizer(out_dir: Path, vocab_size: int) -> None:
     from transformers import Qwen2Tokenizer
 
@@ -427,8 +457,10 @@ def make_tokenizer(out_dir, kind: str = "spm", vocab_size: int = 512, corpus: Pa
         _make_llama3_tokenizer(out_dir, vocab_size)
     elif kind == "gemma":
         _make_gemma_tokenizer(out_dir, vocab_size)
+    elif kind == "phi3":
+        _make_phi3_tokenizer(out_dir, vocab_size)
     else:
-        raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'spm', 'bpe', 'llama3' or 'gemma')")
+        raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'spm', 'bpe', 'llama3', 'gemma' or 'phi3')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +528,13 @@ def _build_config(
         kinds = ["sliding_attention" if (i + 1) % GEMMA3_PATTERN else "full_attention" for i in range(num_layers)]
         cfg = Gemma3TextConfig(head_dim=hidden_size // num_heads, attention_bias=False, layer_types=kinds,
                                **GEMMA3_CONVENTIONS, **common)
+    elif arch == "phi3":
+        from transformers import Phi3Config
+
+        theta = common.pop("rope_theta")
+        common["rope_parameters"] = {"rope_type": "default", "rope_theta": theta,
+                                     "partial_rotary_factor": PHI3_PARTIAL_ROTARY}
+        cfg = Phi3Config(sliding_window=None, original_max_position_embeddings=MAX_POSITION_EMBEDDINGS, **common)
     elif arch == "smollm3":
         from transformers import SmolLM3Config
 
@@ -532,6 +571,7 @@ def _model_class(arch: str):
         "smollm3": transformers.SmolLM3ForCausalLM,
         "gemma2": transformers.Gemma2ForCausalLM,
         "gemma3_text": transformers.Gemma3ForCausalLM,
+        "phi3": transformers.Phi3ForCausalLM,
     }[arch]
 
 
@@ -589,6 +629,8 @@ def _init_weights(model, config, seed: int) -> None:
             gain *= qk_mult if gain != 1.0 else 1.0
             gain *= out_mult if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
             value = (gain / math.sqrt(shape[1])) * torch.randn(shape, generator=gen, dtype=torch.float32)
+            if name.endswith("qkv_proj.weight"):  # Phi-3's fused q|k|v: the q/k gain on the q and k rows
+                value[: (config.num_attention_heads + config.num_key_value_heads) * head_dim] *= QK_GAIN
         else:  # pragma: no cover - no other parameter kinds in these architectures
             raise RuntimeError(f"don't know how to initialise {name} {shape}")
         param.copy_(value.to(param.dtype))

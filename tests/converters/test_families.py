@@ -293,7 +293,7 @@ def test_nope_layers_llama_cpp_cannot_run_are_refused_and_onnx_follows_them(tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["granite", "smollm3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["granite", "smollm3", "gemma2", "gemma3_text", "phi3"])
 def test_onnxruntime_genai_generates_what_training_would(ckpts, tmp_path, arch):
     """onnxruntime-genai takes the family's model.type and decodes with its KV cache the greedy tokens
     of the training-time model (transformers, base as trained + adapter branches)."""

@@ -151,7 +151,7 @@ def test_branch_training_function_is_the_verify_reference(samples, tmp_path):
     assert logit_stats(as_trained, model_logits(folded_model(ckpt, base), ids)).max_rel > 1e-5
 
 
-@pytest.mark.parametrize("arch", ["granite", "smollm3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["granite", "smollm3", "gemma2", "gemma3_text", "phi3"])
 def test_other_families_train_to_the_verify_reference(samples, tiny_base, tmp_path, arch):
     """Granite (multipliers in and outside the decoder layers), SmolLM3 (NoPE layers), Gemma 2 (scaled
     embedding module, final softcap) and Gemma 3 (a rotation per layer kind): the function training computes is
