@@ -55,7 +55,11 @@ class PartCache:
 
     def forget_base(self, name: str) -> None:
         """Drop the base tensor ``name`` (once what the streams need has been derived from it)."""
-        self._values.pop(("base", name), None)
+        self.forget(("base", name))
+
+    def forget(self, key) -> None:
+        """Drop a memoized value no later stream of this part reads (computed again if one does)."""
+        self._values.pop(key, None)
 
     def has(self, key) -> bool:
         return key in self._values
