@@ -173,7 +173,7 @@ def run(args) -> list[dict]:
         pre = pretrain_base(corpus, base, size)
         ckpts = finetune(base, corpus, work, size)
     windows = fidelity_eval.heldout_windows(base, heldout, size.seq, size.eval_windows)
-    cells = fidelity_eval.evaluate_all(base, ckpts, windows, work / "artifacts")
+    cells = fidelity_eval.evaluate_all(base, ckpts, windows, work / "artifacts", frozenset(args.skip))
     cells.append({"model": "run", "seconds": time.perf_counter() - start, "size": args.size,
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
                   "pretrain": pre, "corpus": corpus.describe(), "heldout_tokens": sum(len(w) - 1 for w in windows)})
@@ -189,6 +189,9 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     p.add_argument("--base", default=None, help="evaluate your own HF base folder instead of pretraining one")
     p.add_argument("--ckpt", action="append", default=[], help="with --base: a checkpoint (repeatable)")
+    p.add_argument("--skip", action="append", default=[], metavar="ARTIFACT",
+                   help="do not evaluate this artifact (repeatable), e.g. mlx-4-64-ptq: mlx-lm's convert -q keeps "
+                        "float16 weights, which MLX's CPU backend computes slowly (over 15 min for 32 windows here)")
     args = p.parse_args(argv)
     if args.base and not args.ckpt:
         p.error("--base needs at least one --ckpt")

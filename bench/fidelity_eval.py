@@ -221,10 +221,14 @@ def evaluate(a: Artifact, windows) -> dict:
     return cell
 
 
-def evaluate_all(base: Path, ckpts: dict[str, Path], windows, art: Path) -> list[dict]:
+def evaluate_all(base: Path, ckpts: dict[str, Path], windows, art: Path, skip: frozenset = frozenset()) -> list[dict]:
+    """Every cell; artifacts named in ``skip`` (e.g. ``mlx-4-64-ptq``) are made but not evaluated."""
     cells = [evaluate(Artifact("base", "torch", "reference", "transformers", base, 0.0), windows)]
     for name, ckpt in ckpts.items():
         for a in model_artifacts(name, ckpt, base, art, api.inspect(ckpt, base)):
+            if a.artifact in skip:
+                log.info("%-13s %-20s skipped (--skip)", name, a.artifact)
+                continue
             cells.append(evaluate(a, windows))
     return cells
 
