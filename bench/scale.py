@@ -104,7 +104,10 @@ def timed(name: str, argv: list[str], log_dir: Path, env: dict | None = None) ->
     run.peak_rss_gb = stats["peak_rss"] / GB
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        run.status, run.note = "failed", f"exit {proc.returncode}: {' | '.join(tail)}"
+        # verify's INCONCLUSIVE (exit 1) is a verdict about the model, not a failure of the command
+        inconclusive = proc.returncode == 1 and tail and tail[-1].strip() == "INCONCLUSIVE"
+        run.status = "inconclusive" if inconclusive else "failed"
+        run.note = f"exit {proc.returncode}: {' | '.join(tail)}"
     return run
 
 
@@ -217,15 +220,16 @@ VERIFY_MATCH = {"verify (QA-BLoRA, no artifact)": "to-safetensors fp16 merge (QA
 def judge_verify_wall(runs: list[Run], gguf: Path, big: bool) -> None:
     """``verify`` wall <= 3x its matching export's wall (when both ran in this run); ``verify`` of a
     GGUF in llama.cpp: peak RSS <= what llama.cpp holds (the file, mapped) + 2 GB (and <= 12 GB at 7B)."""
-    walls = {r.name: r.wall_s for r in runs if r.status == "ok"}
+    done = ("ok", "inconclusive")  # the command ran to its end
+    walls = {r.name: r.wall_s for r in runs if r.status in done}
     for run in runs:
-        if run.name == "verify qa.gguf --runtime llama.cpp" and run.status == "ok" and gguf.is_file():
+        if run.name == "verify qa.gguf --runtime llama.cpp" and run.status in done and gguf.is_file():
             limit = gguf.stat().st_size / GB + 2.0
             limit = min(limit, 12.0) if big else limit
             run.target, run.met = f"RSS <= {limit:.2f} GB (the GGUF llama.cpp maps + 2 GB)", run.peak_rss_gb <= limit
     for run in runs:
         export = VERIFY_MATCH.get(run.name)
-        if export not in walls or run.status != "ok":
+        if export not in walls or run.status not in done:
             continue
         ratio = run.wall_s / walls[export]
         run.extra["wall_vs_export"] = ratio

@@ -48,8 +48,9 @@ def test_tiny_shape_all_commands(tmp_path):
     runs = {r["name"]: r for r in result["runs"]}
     ours = [r for r in runs.values() if not r["name"].startswith("llama.cpp")]
     assert len(ours) == 9
-    for r in ours:
-        assert r["status"] == "ok" and r["wall_s"] > 0 and r["peak_rss_gb"] > 0.01, r
+    for r in ours:  # verify may say INCONCLUSIVE on the random tiny model (a verdict, not a failure)
+        ok = ("ok", "inconclusive") if r["name"].startswith("verify") else ("ok",)
+        assert r["status"] in ok and r["wall_s"] > 0 and r["peak_rss_gb"] > 0.01, r
     for name in scale.VERIFY_MATCH:  # verify's wall is judged against the export it checks
         assert "wall_vs_export" in runs[name]["extra"] and "wall <= 3x" in runs[name]["target"], runs[name]
     assert "GGUF llama.cpp maps" in runs["verify qa.gguf --runtime llama.cpp"]["target"]
