@@ -11,7 +11,7 @@ import shutil
 from dataclasses import replace
 
 import pytest
-from families_support import FORMATS, METHODS, field, run_cli
+from families_support import FORMATS, METHODS, field, run_cli, verified
 from gguf import GGUFReader
 
 from blora_export import api
@@ -19,16 +19,7 @@ from converters import gguf_model, onnx_graph
 
 
 def _verified(ckpt, out, fmt, method):
-    kind, options, verify_options = {**FORMATS, "gguf-py": ("gguf", {}, {})}[fmt]
-    if method == "q-blora" and fmt == "onnx-int4":
-        options = {**options, "requantize": True}  # no exact fold for a Q-BLoRA: PTQ, bound from the base's
-    api.export(ckpt, out, kind, quiet=True, **options)
-    report = api.verify(ckpt, out, quiet=True, **verify_options)
-    if options.get("requantize"):  # 4-bit PTQ of a tiny random model: verify says INCONCLUSIVE, not PASS
-        assert report.logits_passed and report.layers_passed, report.to_json()
-    else:
-        assert report.passed and report.logits.max_rel < report.adapter_effect / 4, report.to_json()
-    return report
+    return verified(ckpt, out, fmt, method, {**FORMATS, "gguf-py": ("gguf", {}, {})})
 
 
 GEMMA2_FORMATS = ("onnx-fp32", "onnx-int4", "safetensors", "peft")

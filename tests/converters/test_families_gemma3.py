@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from families_support import FORMATS, METHODS, field, run_cli
+from families_support import FORMATS, METHODS, field, run_cli, verified
 from gguf import GGUFReader
 
 from blora_export import api
@@ -39,16 +39,7 @@ def test_gemma3_row_reads_each_layer_kind(tiny_base):
 
 
 def _verified(ckpt, out, fmt, method):
-    kind, options, verify_options = GEMMA3_FORMATS[fmt]
-    if method == "q-blora" and fmt in ("onnx-int4", "mlx"):
-        options = {**options, "requantize": True}  # no exact fold for a Q-BLoRA: PTQ, bound from the base's
-    api.export(ckpt, out, kind, quiet=True, **options)
-    report = api.verify(ckpt, out, quiet=True, **verify_options)
-    if options.get("requantize"):  # 4-bit PTQ of a tiny random model: verify says INCONCLUSIVE, not PASS
-        assert report.logits_passed and report.layers_passed, report.to_json()
-    else:
-        assert report.passed and report.logits.max_rel < report.adapter_effect / 4, report.to_json()
-    return report
+    return verified(ckpt, out, fmt, method, GEMMA3_FORMATS)
 
 
 @pytest.mark.slow
