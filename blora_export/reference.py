@@ -163,10 +163,11 @@ def trained_base_fn(plan: MergePlan):
     def weights(name: str, cache: PartCache) -> torch.Tensor:
         if plan.merge_into == "original" or not is_quantized_linear(name):
             return cache.tensor(name)
-        if not cache.has(("trained_base", name)):
-            cache.put(("trained_base", name), trained_base_weight(name, cache.tensor(name), plan))
+        def derive() -> torch.Tensor:
+            value = trained_base_weight(name, cache.tensor(name), plan)
             cache.forget_base(name)  # read again only if a stream asks for the raw tensor (0.4 GB a 7B layer)
-        return cache.memo(("trained_base", name), None)
+            return value
+        return cache.memo(("trained_base", name), derive)
     return weights
 
 

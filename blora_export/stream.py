@@ -48,9 +48,12 @@ class PartCache:
             name = EMBED
         return self.memo(("base", name), lambda: self.base.tensor(name))
 
-    def memo(self, key, compute: Optional[Callable[[], torch.Tensor]]) -> torch.Tensor:
+    def memo(self, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self._values:
             self._values[key] = compute()
+        return self._values[key]
+
+    def get(self, key) -> torch.Tensor:
         return self._values[key]
 
     def forget_base(self, name: str) -> None:

@@ -148,7 +148,7 @@ def reference_rounding(job: ExportJob, module: AdapterModule, cache: PartCache, 
     """
     key = ("reference rounding", module.weight_name, dtype)
     if candidate is None and cache.has(key):
-        return cache.memo(key, None), 0.0
+        return cache.get(key), 0.0
     ratio = 0.0
     rounded = torch.empty((module.out_features, module.in_features), dtype=dtype)
     with one_thread():
