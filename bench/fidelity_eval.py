@@ -51,16 +51,28 @@ def heldout_windows(base: Path, paragraphs: list[str], seq: int, count: int) -> 
     return [w for w in windows if len(w) == seq]
 
 
-def score(logits: list[np.ndarray], windows: list[list[int]]) -> tuple[float, float]:
+def log_probs(logits: list[np.ndarray]) -> list[torch.Tensor]:
+    """float64 next-token log-probabilities of every position but the last, per window."""
+    return [torch.log_softmax(torch.from_numpy(np.asarray(lg, dtype=np.float64))[:-1], dim=-1) for lg in logits]
+
+
+def score(logp: list[torch.Tensor], windows: list[list[int]]) -> tuple[float, float]:
     """(perplexity, top-1 accuracy) of next-token prediction over every window."""
     nll, hits, n = 0.0, 0, 0
-    for lg, ids in zip(logits, windows):
-        x = torch.from_numpy(np.asarray(lg, dtype=np.float64))[:-1]
+    for x, ids in zip(logp, windows):
         target = torch.tensor(ids[1:])
-        nll += float(torch.nn.functional.cross_entropy(x, target, reduction="sum"))
+        nll -= float(x.gather(1, target[:, None]).sum())
         hits += int((x.argmax(-1) == target).sum())
         n += len(target)
     return math.exp(nll / n), hits / n
+
+
+def mean_kl(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
+    """Mean over positions of KL(reference || candidate), nats: how far a file's next-token
+    distributions are from the training-time model's (0 for the same function; unlike a
+    perplexity change, it cannot come out in the candidate's favour by chance)."""
+    total = sum(float((r.exp() * (r - c)).sum()) for r, c in zip(reference, candidate))
+    return total / sum(r.shape[0] for r in reference)
 
 
 # ---------------------------------------------------------------- runtimes
@@ -129,10 +141,13 @@ def llama_quantize(src: Path, out: Path, ftype: str) -> None:
 
 
 def mlx_convert_q(merged: Path, out: Path) -> None:
-    """mlx-lm's ``convert -q`` with its defaults (4-bit, group 64) on the merged fp16 folder."""
+    """mlx-lm's ``convert -q`` (4-bit, group 64) on the merged fp16 folder, ``--dtype float32``: its
+    default keeps the unquantized weights, scales and biases in float16, which MLX's CPU backend
+    computes in emulated half precision (over 15 min for 32 windows here). float32 scales and biases
+    only make the PTQ row more accurate than the default."""
     from mlx_lm import convert
 
-    convert(hf_path=str(merged), mlx_path=str(out), quantize=True)
+    convert(hf_path=str(merged), mlx_path=str(out), quantize=True, dtype="float32")
 
 
 def ort_rtn(fp32_dir: Path, out: Path) -> None:
@@ -211,25 +226,34 @@ def nbytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def evaluate(a: Artifact, windows) -> dict:
+def evaluate(a: Artifact, windows, reference: Optional[list[torch.Tensor]] = None) -> tuple[dict, list[torch.Tensor]]:
+    """The cell of one artifact (with its mean KL from ``reference``, the training-time model's
+    log-probabilities, when given) and its own log-probabilities."""
     start = time.perf_counter()
-    ppl, top1 = score(RUNTIMES[a.runtime](a.path, windows), windows)
+    logp = log_probs(RUNTIMES[a.runtime](a.path, windows))
+    ppl, top1 = score(logp, windows)
+    kl = None if reference is None else mean_kl(reference, logp)
     cell = {"model": a.model, "artifact": a.artifact, "kind": a.kind, "runtime": a.runtime, "ppl": ppl,
-            "top1": top1, "bytes": nbytes(a.path), "seconds": round(a.seconds, 2),
+            "top1": top1, "kl": kl, "bytes": nbytes(a.path), "seconds": round(a.seconds, 2),
             "eval_seconds": round(time.perf_counter() - start, 2)}
-    log.info("%-13s %-20s %-12s ppl %.3f top1 %.4f", a.model, a.artifact, a.runtime, ppl, top1)
-    return cell
+    log.info("%-13s %-20s %-12s ppl %.3f top1 %.4f kl %s", a.model, a.artifact, a.runtime, ppl, top1,
+             "-" if kl is None else f"{kl:.2e}")
+    return cell, logp
 
 
 def evaluate_all(base: Path, ckpts: dict[str, Path], windows, art: Path, skip: frozenset = frozenset()) -> list[dict]:
     """Every cell; artifacts named in ``skip`` (e.g. ``mlx-4-64-ptq``) are made but not evaluated."""
-    cells = [evaluate(Artifact("base", "torch", "reference", "transformers", base, 0.0), windows)]
+    cells = [evaluate(Artifact("base", "torch", "reference", "transformers", base, 0.0), windows)[0]]
     for name, ckpt in ckpts.items():
+        reference = None
         for a in model_artifacts(name, ckpt, base, art, api.inspect(ckpt, base)):
             if a.artifact in skip:
                 log.info("%-13s %-20s skipped (--skip)", name, a.artifact)
                 continue
-            cells.append(evaluate(a, windows))
+            cell, logp = evaluate(a, windows, reference)
+            cells.append(cell)
+            if a.kind == "reference":
+                reference = logp
     return cells
 
 
@@ -242,12 +266,13 @@ def _reference(cells: list[dict], model: str) -> Optional[float]:
 def format_table(cells: list[dict]) -> str:
     rows = [c for c in cells if c["model"] != "run"]
     lines = [f"{'model':<13} {'artifact':<20} {'kind':<9} {'runtime':<12} {'ppl':>9} {'Δppl vs torch':>13} "
-             f"{'top-1':>7} {'MB':>8}"]
+             f"{'top-1':>7} {'KL nats':>9} {'MB':>8}"]
     for c in rows:
         ref = _reference(cells, c["model"])
         delta = f"{100 * (c['ppl'] / ref - 1):+.2f}%" if ref else "-"
+        kl = "-" if c.get("kl") is None else f"{c['kl']:.2e}"
         lines.append(f"{c['model']:<13} {c['artifact']:<20} {c['kind']:<9} {c['runtime']:<12} {c['ppl']:>9.3f} "
-                     f"{delta:>13} {c['top1']:>7.4f} {c['bytes'] / 1e6:>8.2f}")
+                     f"{delta:>13} {c['top1']:>7.4f} {kl:>9} {c['bytes'] / 1e6:>8.2f}")
     run = next((c for c in cells if c["model"] == "run"), None)
     if run:
         lines.append(f"total wall time {run['seconds']:.0f} s on {run['machine']}")
@@ -255,7 +280,8 @@ def format_table(cells: list[dict]) -> str:
 
 
 def plot(cells: list[dict], out: Path) -> None:
-    """Perplexity change of each artifact against its own model's training-time function."""
+    """Per artifact, against its own model's training-time function: the perplexity change (left) and
+    the mean KL divergence of the next-token distributions (right, log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,19 +290,26 @@ def plot(cells: list[dict], out: Path) -> None:
     rows = [c for c in cells if c["model"] not in ("run", "base") and c["kind"] != "reference"]
     colors = {"float": "#1f77b4", "fold": "#2ca02c", "ptq": "#d62728"}
     deltas = [100 * (c["ppl"] / _reference(cells, c["model"]) - 1) for c in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.3 * len(rows) + 1.6))
-    ax.barh(range(len(rows)), deltas, color=[colors[c["kind"]] for c in rows])
+    kls = [max(c.get("kl") or 0.0, 1e-12) for c in rows]  # 1e-12: the floor of the log axis
+    fig, (ax, ax_kl) = plt.subplots(1, 2, sharey=True, figsize=(12, 0.3 * len(rows) + 1.8),
+                                    gridspec_kw={"width_ratios": [3, 2]})
+    bar_colors = [colors[c["kind"]] for c in rows]
+    ax.barh(range(len(rows)), deltas, color=bar_colors)
     ax.set_yticks(range(len(rows)), [f"{c['model']} · {c['artifact']} ({c['runtime']})" for c in rows], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="#444444", linewidth=0.8)
-    ax.set_xlabel("held-out perplexity vs the training-time model (%, lower is better)")
+    ax.set_xlabel("held-out perplexity vs the training-time model (%)")
     ax.legend([plt.Rectangle((0, 0), 1, 1, color=v) for v in colors.values()], list(colors), fontsize=8)
+    ax_kl.barh(range(len(rows)), kls, color=bar_colors)
+    ax_kl.set_xscale("log")
+    ax_kl.set_xlim(left=1e-12)
+    ax_kl.set_xlabel("mean KL(training-time ‖ file), nats per token (log)")
     base, gains = _reference(cells, "base"), []
     for m in ("qa-blora", "qa-blora-8bit", "q-blora", "qlora"):
         ref = _reference(cells, m)
         if base and ref:
             gains.append(f"{m} {base:.1f}→{ref:.1f}")
-    ax.set_title("Each shipped file in its runtime: fold vs post-training quantization\n"
+    fig.suptitle("Each shipped file in its runtime: fold vs post-training quantization\n"
                  f"(fine-tuning gain, base→trained ppl: {', '.join(gains)})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -42,13 +42,24 @@ def test_score_is_perplexity_and_top1():
     windows = [[0, 1, 2, 1]]
     perfect = np.full((4, 3), -1e9)
     perfect[np.arange(3), [1, 2, 1]] = 0.0
-    assert fidelity_eval.score([perfect], windows) == (1.0, 1.0)
+    def score(logits):
+        return fidelity_eval.score(fidelity_eval.log_probs([logits]), windows)
+    assert score(perfect) == (1.0, 1.0)
     uniform = np.zeros((4, 3))
-    ppl, top1 = fidelity_eval.score([uniform], windows)
+    ppl, top1 = score(uniform)
     assert math.isclose(ppl, 3.0) and top1 == 0.0  # argmax of a tie is token 0, never a target here
     shifted = np.roll(perfect, 1, axis=0) / 1e7  # logits aligned one position off: a wrong scorer's view
-    ppl, top1 = fidelity_eval.score([shifted], windows)
+    ppl, top1 = score(shifted)
     assert ppl > 3.0 and top1 == 0.0
+
+
+def test_kl_is_zero_for_the_same_function_and_exact_otherwise():
+    ref = fidelity_eval.log_probs([np.array([[0.0, 0.0], [0.0, 0.0]])])  # one position: p = (1/2, 1/2)
+    same = fidelity_eval.log_probs([np.array([[5.0, 5.0], [1.0, 2.0]])])  # shifted logits, same distribution
+    assert fidelity_eval.mean_kl(ref, same) == pytest.approx(0.0, abs=1e-15)
+    q = fidelity_eval.log_probs([np.array([[0.0, math.log(3.0)], [0.0, 0.0]])])  # q = (1/4, 3/4)
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert fidelity_eval.mean_kl(ref, q) == pytest.approx(expected, rel=1e-12)
 
 
 def test_sizes_meet_the_issue():
@@ -84,6 +95,8 @@ def test_one_evaluation_round_on_a_sample(samples, make_ckpt, tmp_path):
     for artifact in ("gguf-q4_1-fold", "onnx-int4-fold", "mlx-4-32-fold", "gguf-q4_k_m-ptq", "onnx-int4-rtn-ptq"):
         assert by[("qa-blora", artifact)]["ppl"] > 0 and by[("qa-blora", artifact)]["bytes"] > 0
     assert abs(by[("qa-blora", "onnx-int4-fold")]["ppl"] / ref - 1) < 1e-4  # exact fold, float32 activations
+    assert by[("qa-blora", "torch")]["kl"] is None and by[("qa-blora", "onnx-int4-fold")]["kl"] < 1e-8
+    assert by[("qa-blora", "gguf-q4_k_m-ptq")]["kl"] > 100 * by[("qa-blora", "onnx-int4-fold")]["kl"]
     # the 8-bit model: its two exact folds (float32 offsets / biases) and llama.cpp's Q8_0 of the merge
     assert {a for m, a in by if m == "qa-blora-8bit"} == {"torch", "onnx-int8-fold", "mlx-8bit-fold", "gguf-q8_0-ptq"}
     ref8 = by[("qa-blora-8bit", "torch")]["ppl"]
