@@ -24,6 +24,7 @@ from .tolerance import SENSITIVITY_FACTOR, Tolerance, tolerance_for_dtype, widen
 
 log = logging.getLogger(__name__)
 BRANCH_REL_BOUND = 1e-12  # float64: pool/matmul/repeat vs dense ΔW differ only by float64 rounding
+CORRECTLY_ROUNDED = 0.5  # the half-ulp ratio bound of a weight equal to the correct rounding of the exact value
 
 
 def _within(stats: LogitStats, tolerance: Tolerance) -> bool:
@@ -139,25 +140,29 @@ def exact_trained_columns(job: ExportJob, module: AdapterModule, cache: PartCach
 
 
 def reference_rounding(job: ExportJob, module: AdapterModule, cache: PartCache, dtype: torch.dtype,
-                       candidate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
+                       candidate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float, bool]:
     """verify's own correct rounding of the exact trained weight to ``dtype`` (memoized per part),
-    and the half-ulp ratio of ``candidate`` against the exact weight (0 without one).
+    a bound on the half-ulp ratio of ``candidate`` against the exact weight (0 without one), and
+    whether ``candidate`` is that rounding, bit for bit.
 
-    One pass over the exact weight's columns computes both; with no candidate, a rounding made
-    earlier in the part is reused.
+    One pass over the exact weight's columns computes both. A chunk of ``candidate`` equal to the
+    correct rounding is within half an ulp by construction (bound 0.5, no further pass); any other
+    chunk gets the full :func:`half_ulp_ratio` (a tie rounded the other way is 0.5, a wrong weight more).
+    With no candidate, a rounding made earlier in the part is reused.
     """
     key = ("reference rounding", module.weight_name, dtype)
     if candidate is None and cache.has(key):
-        return cache.get(key), 0.0
-    ratio = 0.0
+        return cache.get(key), 0.0, False
+    ratio, identical = (0.0, False) if candidate is None else (CORRECTLY_ROUNDED, True)
     rounded = torch.empty((module.out_features, module.in_features), dtype=dtype)
     with one_thread():
         for c0, c1, exact_t in exact_trained_columns(job, module, cache):
             rounded[:, c0:c1] = round_to(exact_t, dtype).T
-            if candidate is not None:
+            if candidate is not None and not torch.equal(candidate[:, c0:c1], rounded[:, c0:c1]):
+                identical = False
                 ratio = max(ratio, half_ulp_ratio(candidate[:, c0:c1].T.contiguous(), exact_t))
     cache.put(key, rounded)
-    return rounded, ratio
+    return rounded, ratio, identical
 
 
 def merge_stream(job: ExportJob, dtype: torch.dtype, checks: list[LayerCheck]) -> Stream:
@@ -173,10 +178,11 @@ def merge_stream(job: ExportJob, dtype: torch.dtype, checks: list[LayerCheck]) -
         weight = cache.tensor(name) if job.plan.folded else trained  # the raw tensor only where it is used
         with one_thread():
             merged = merged_weight(name, weight, job.ckpt, job.plan, dtype, trained=trained)
-        _, ratio = reference_rounding(job, module, cache, dtype, candidate=merged)
+        rounded, ratio, identical = reference_rounding(job, module, cache, dtype, candidate=merged)
         cache.forget(("trained_base", name))  # the last stream reads its rounding instead (a 7B layer: 0.8 GB)
-        checks.append(LayerCheck(name, f"|w - exact| / ulp({str(dtype)[6:]})", ratio, HALF_ULP_LIMIT))
-        return merged
+        checks.append(LayerCheck(name, f"|w - exact| / ulp({str(dtype)[6:]}) (0.5: = correct rounding)", ratio,
+                                 HALF_ULP_LIMIT))
+        return rounded if identical else merged  # the same values; one object lets the rounded stream reuse this run
     return Stream("candidate", weights)
 
 
