@@ -118,7 +118,7 @@ class QuantLinear:
 class WeightProvider(Protocol):
     def linear(self, layer: int, group: LinearGroup) -> FloatLinear | QuantLinear: ...
 
-    def tensor(self, name: str) -> np.ndarray: ...  # embeddings, norms, head: float arrays
+    def tensor(self, name: str, transpose: bool = False) -> np.ndarray: ...  # embeddings, norms, head: float arrays
 
 
 @dataclass(frozen=True)
@@ -427,8 +427,7 @@ def build_decoder(spec: DecoderSpec, weights: WeightProvider, store, progress=it
     """The whole decoder as an ``onnx.ModelProto`` without initializers: they stay in ``store``
     (written as they are made) and join the graph once the store is finished."""
     g = Graph(store)
-    embed = weights.tensor("model.embed_tokens.weight")
-    embed_ref = float_weight(g, "model.embed_tokens.weight", embed)
+    embed_ref = float_weight(g, "model.embed_tokens.weight", weights.tensor("model.embed_tokens.weight"))  # not kept
     sc = spec.scales or Scales(1.0, spec.head_dim ** -0.5, 1.0, 1.0)
     x = scaled(g, g.op("Gather", [embed_ref, "input_ids"], axis=0), sc.embedding)
     ctx = {"masks": {w: attention_bias(g, w) for w in sorted(set(spec.windows), key=lambda w: w or 0)}}
@@ -441,7 +440,7 @@ def build_decoder(spec: DecoderSpec, weights: WeightProvider, store, progress=it
     if spec.tied:
         head = g.op("Transpose", [embed_ref], perm=[1, 0])
     else:
-        head = float_weight(g, "lm_head.MatMul.weight", np.ascontiguousarray(weights.tensor("lm_head.weight").T))
+        head = float_weight(g, "lm_head.MatMul.weight", weights.tensor("lm_head.weight", transpose=True))
     logits = g.op("MatMul", [x, head])
     if sc.logit_divisor != 1.0:  # as transformers: logits / logits_scaling, then the final softcap
         logits = g.op("Div", [logits, g.const(sc.logit_divisor, np.float32)])

@@ -112,9 +112,9 @@ class FloatWeights:
         weight = torch.cat([self.merged(n) for n in member_names(layer, group)])
         return FloatLinear(weight_t=weight.T.contiguous().numpy(), bias=group_bias(self.job, layer, group))
 
-    def tensor(self, name: str) -> np.ndarray:
+    def tensor(self, name: str, transpose: bool = False) -> np.ndarray:
         dtype = torch.float32 if name.endswith("norm.weight") else self.dtype
-        return self.job.base.tensor(name).to(torch.float32).to(dtype).numpy()
+        return float_array(self.job.base.tensor(name), dtype, transpose)
 
 
 @dataclass
@@ -155,8 +155,18 @@ class QuantWeights:
                            accuracy_level=self.accuracy_level, bias=group_bias(self.job, layer, group),
                            bits=self.bits)
 
-    def tensor(self, name: str) -> np.ndarray:
-        return self.job.base.tensor(name).to(torch.float32).numpy()
+    def tensor(self, name: str, transpose: bool = False) -> np.ndarray:
+        return float_array(self.job.base.tensor(name), torch.float32, transpose)
+
+
+def float_array(t: torch.Tensor, dtype: torch.dtype, transpose: bool = False) -> np.ndarray:
+    """``t`` (optionally transposed, contiguous) stored as ``dtype``: the transpose is made in the base's own
+    dtype and the cast is the last copy (a 7B head: 0.26 GB transposed in fp16, not 0.52 GB in float32 twice)."""
+    if transpose:
+        t = t.T.contiguous()
+    if t.dtype != dtype:
+        t = t.to(torch.float32) if dtype == torch.float32 else t.to(torch.float32).to(dtype)
+    return t.numpy()
 
 
 def requant_grid(block: int, bits: int = 4) -> MinMaxGrid:
