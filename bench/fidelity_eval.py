@@ -290,7 +290,7 @@ def plot(cells: list[dict], out: Path) -> None:
     rows = [c for c in cells if c["model"] not in ("run", "base") and c["kind"] != "reference"]
     colors = {"float": "#1f77b4", "fold": "#2ca02c", "ptq": "#d62728"}
     deltas = [100 * (c["ppl"] / _reference(cells, c["model"]) - 1) for c in rows]
-    kls = [max(c.get("kl") or 0.0, 1e-12) for c in rows]  # 1e-12: the floor of the log axis
+    kls = [max(c.get("kl") or 0.0, 1e-14) for c in rows]  # 1e-14: the floor of the log axis
     fig, (ax, ax_kl) = plt.subplots(1, 2, sharey=True, figsize=(12, 0.3 * len(rows) + 1.8),
                                     gridspec_kw={"width_ratios": [3, 2]})
     bar_colors = [colors[c["kind"]] for c in rows]
@@ -302,7 +302,7 @@ def plot(cells: list[dict], out: Path) -> None:
     ax.legend([plt.Rectangle((0, 0), 1, 1, color=v) for v in colors.values()], list(colors), fontsize=8)
     ax_kl.barh(range(len(rows)), kls, color=bar_colors)
     ax_kl.set_xscale("log")
-    ax_kl.set_xlim(left=1e-12)
+    ax_kl.set_xlim(left=1e-14)
     ax_kl.set_xlabel("mean KL(training-time ‖ file), nats per token (log)")
     base, gains = _reference(cells, "base"), []
     for m in ("qa-blora", "qa-blora-8bit", "q-blora", "qlora"):
