@@ -12,7 +12,7 @@ Q/K rows are compared in llama.cpp's order (the expectation is permuted like the
 from __future__ import annotations
 
 import mmap
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -52,12 +52,31 @@ def unpermute_rows(x: torch.Tensor, heads) -> torch.Tensor:
     return x if heads is None else x[torch.argsort(permutation(x.shape[0], heads))]
 
 
-def _tensors(path: Path) -> tuple[GGUFReader, dict]:
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError / struct errors on damaged files
-        raise BadInputError(f"{path} is not a readable GGUF file ({exc})") from None
-    return reader, {t.name: t for t in reader.tensors}
+@dataclass(frozen=True)
+class GGUFFile:
+    """A GGUF file parsed once by gguf-py (its reader builds every metadata field, a 32k-token
+    vocabulary included: seconds per parse), shared by everything ``verify`` reads from it."""
+
+    path: Path
+    reader: GGUFReader
+    tensors: dict
+
+    @classmethod
+    def open(cls, path: Path) -> "GGUFFile":
+        try:
+            reader = GGUFReader(str(path))
+        except Exception as exc:  # gguf raises ValueError / struct errors on damaged files
+            raise BadInputError(f"{path} is not a readable GGUF file ({exc})") from None
+        return cls(Path(path), reader, {t.name: t for t in reader.tensors})
+
+    def __str__(self) -> str:  # messages name the file
+        return str(self.path)
+
+
+def _tensors(source: "Path | GGUFFile") -> tuple[GGUFReader, dict]:
+    """The reader and tensors by name of a parsed file, or of a path parsed now."""
+    file = source if isinstance(source, GGUFFile) else GGUFFile.open(source)
+    return file.reader, file.tensors
 
 
 def read_raw(reader: GGUFReader, tensor) -> np.ndarray:

@@ -59,7 +59,7 @@ from blora_export.spec import MinMaxGrid
 from blora_export.stream import Stream, StreamedForward
 from blora_export.tolerance import Tolerance, floor_tolerance, tolerance_for_dtype
 
-from .gguf_checks import _layout, _tensors, layer_checks, lora_pairs, read_raw, unpermute_rows
+from .gguf_checks import GGUFFile, _layout, _tensors, layer_checks, lora_pairs, read_raw, unpermute_rows
 from .gguf_kquant import ENCODING as KQUANT_ENCODING
 from .gguf_model import permute_heads
 from .gguf_quants import GGUF_TYPES, TYPE_BY_QTYPE, dequantize, quantize
@@ -94,11 +94,8 @@ def _field(reader: GGUFReader, key: str):
     return None if field is None else field.contents()
 
 
-def read_info(path: Path) -> GGUFInfo:
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError / struct errors on damaged files
-        raise BadInputError(f"{path} is not a readable GGUF file ({exc})") from None
+def read_info(path: "Path | GGUFFile") -> GGUFInfo:
+    reader, _ = _tensors(path)
     content = _field(reader, "blora.content")
     if content is None:
         content = "adapter" if _field(reader, "general.type") == "adapter" else "model"
@@ -371,7 +368,8 @@ def _weights_plan(path: Path, job: ExportJob, info: GGUFInfo, types: dict):
 
 
 def open_gguf(path: Path, job: ExportJob, runtime: Optional[str]) -> Artifact:
-    info = read_info(path)
+    source = GGUFFile.open(path)  # parsed once: its info, tensor types, weights and checks all read it
+    info = read_info(source)
     if info.encoding == KQUANT_ENCODING:  # llama.cpp's own K-quant mix: its floor needs llama.cpp's quantizer
         if runtime not in (None, "llama.cpp"):
             raise UnsupportedError(f"{path.name} is a {info.type_name} K-quant made by llama.cpp's quantizer: "
@@ -393,30 +391,30 @@ def open_gguf(path: Path, job: ExportJob, runtime: Optional[str]) -> Artifact:
     kind = _gguf_py if runtime == "gguf-py" else _llama_cpp
     if runtime == "llama.cpp":
         require_llama_cpp()
-    return kind(path, job, info, tuple(notes))
+    return kind(path, job, info, tuple(notes), source)
 
 
-def _gguf_py(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifact:
-    checks = lambda: layer_checks(path, job, info.encoding)  # noqa: E731
+def _gguf_py(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple, source: GGUFFile) -> Artifact:
+    checks = lambda: layer_checks(source, job, info.encoding)  # noqa: E731
     if info.content == "adapter":
         tol = replace(tolerance_for_dtype(GGUF_TYPES[info.type_name].float_dtype),
                       basis=f"LoRA factors stored as {info.type_name}, applied in float64 to the trained base")
-        return Artifact(format="gguf", path=path, tolerance=tol, logits=None, weights=adapter_weights(path, job),
+        return Artifact(format="gguf", path=path, tolerance=tol, logits=None, weights=adapter_weights(source, job),
                         description=f"GGUF LoRA adapter ({info.type_name}), applied by gguf-py to the trained base",
                         layer_checks=checks, notes=notes)
-    streams, bound = _weights_plan(path, job, info, file_types(path, job))
+    streams, bound = _weights_plan(path, job, info, file_types(source, job))
     return Artifact(format="gguf", path=path, tolerance=tolerance_for_dtype(torch.float32), logits=None,
-                    weights=gguf_weights(path, job), streams=tuple(streams), bound=bound, layer_checks=checks,
+                    weights=gguf_weights(source, job), streams=tuple(streams), bound=bound, layer_checks=checks,
                     description=f"GGUF {info.type_name} ({info.encoding}), dequantized by gguf-py, run layer by layer "
                                 "in the base's architecture", notes=notes)
 
 
-def _llama_cpp_kquant(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifact:
+def _llama_cpp_kquant(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple, source: GGUFFile) -> Artifact:
     """A K-quant mix in llama.cpp. Its floor never comes from a file of this writer: the base as trained,
     without the adapter, each tensor stored as the file's type says (K types through a min-max proxy of
     their bit width on blocks of 32, which llama.cpp's K-quant search does no worse than) and run with
     llama.cpp's arithmetic emulated (Q8_K activation blocks of 256 for K types, F16 KV cache)."""
-    types = file_types(path, job)
+    types = file_types(source, job)
     floor = storage_stream(job, types, "llama.cpp floor", llama_cpp_arithmetic(types, job))
     exact = tolerance_for_dtype(torch.float16)
 
@@ -425,19 +423,19 @@ def _llama_cpp_kquant(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) 
                                f"llama.cpp's {info.type_name} quantization (min-max proxy of each K type's width) "
                                "and arithmetic (Q8_K/Q8_0 activation blocks, f16 KV cache), emulated in torch", exact)
     return Artifact(format="gguf", path=path, tolerance=exact, logits=lambda prompts: llama_cpp_logits(path, prompts),
-                    streams=(floor,), bound=bound, layer_checks=lambda: layer_checks(path, job, info.encoding),
+                    streams=(floor,), bound=bound, layer_checks=lambda: layer_checks(source, job, info.encoding),
                     notes=notes, description=f"GGUF {info.type_name} (llama.cpp's K-quant of the exact merge) in llama.cpp")
 
 
-def _llama_cpp(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Artifact:
+def _llama_cpp(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple, source: GGUFFile) -> Artifact:
     if info.encoding == KQUANT_ENCODING:
-        return _llama_cpp_kquant(path, job, info, notes)
-    checks = lambda: layer_checks(path, job, info.encoding)  # noqa: E731
+        return _llama_cpp_kquant(path, job, info, notes, source)
+    checks = lambda: layer_checks(source, job, info.encoding)  # noqa: E731
     if info.content == "adapter":
         types = {n: GGMLQuantizationType.F32 for n in job.base.names()}
         types["lm_head.weight"] = GGMLQuantizationType.F32
     else:
-        types = file_types(path, job)
+        types = file_types(source, job)
     arithmetic = llama_cpp_arithmetic(types, job)
     floor = storage_stream(job, types, "llama.cpp floor", arithmetic)
     exact = tolerance_for_dtype(torch.float32 if info.content == "adapter" else torch.float16)
@@ -450,7 +448,7 @@ def _llama_cpp(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Arti
                 _write_base(job, base)
                 return llama_cpp_logits(base, prompts, lora=path)
         return Artifact(format="gguf", path=path, tolerance=exact, logits=logits, streams=(floor,), bound=bound,
-                        weights=adapter_weights(path, job), weights_bound=lambda out: exact,
+                        weights=adapter_weights(source, job), weights_bound=lambda out: exact,
                         weights_description="the adapter's factors applied in float64 to the trained base",
                         description=f"GGUF LoRA adapter ({info.type_name}) on a --base-only f32 GGUF in llama.cpp",
                         layer_checks=checks, notes=notes)
@@ -458,7 +456,7 @@ def _llama_cpp(path: Path, job: ExportJob, info: GGUFInfo, notes: tuple) -> Arti
     trained_floor = expected_file_stream(job, info, types, arithmetic)
     streams = [floor, *streams] + ([] if trained_floor is None else [trained_floor])
     return Artifact(format="gguf", path=path, tolerance=exact, logits=lambda prompts: llama_cpp_logits(path, prompts),
-                    streams=tuple(streams), bound=bound, weights=gguf_weights(path, job),
+                    streams=tuple(streams), bound=bound, weights=gguf_weights(source, job),
                     weights_bound=weights_bound,
                     weights_description="the file's tensors dequantized by gguf-py in the base's own architecture",
                     description=f"GGUF {info.type_name} ({info.encoding}) in llama.cpp", layer_checks=checks,
