@@ -309,7 +309,9 @@ def table(result: dict) -> str:
         rss_ratio = f"{ratios['rss_vs_llama_cpp']:.2f}x" if "rss_vs_llama_cpp" in ratios else "-"
         cpu_ratio = f"{ratios['cpu_vs_llama_cpp']:.2f}x" if "cpu_vs_llama_cpp" in ratios else "-"
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
-        status = "" if r["status"] == "ok" else f" **{r['status']}**: {r['note']}"
+        note = r["note"].replace("|", "/")  # the log tail's lines are joined by '|': not a table cell break
+        status = {"ok": "", "inconclusive": " **inconclusive** (verify's exit 1: its bound cannot tell the file from one "
+                  "without the adapter)"}.get(r["status"], f" **{r['status']}**: {note}")
         lines.append(f"| {r['name']}{status} | {r['wall_s']:.1f} s | {r['user_s'] + r['sys_s']:.1f} s | "
                      f"{r['peak_rss_gb']:.2f} GB | {wall_ratio} | {cpu_ratio} | {rss_ratio} | {r['target']} | {met} |")
     if result["llama_cpp_wall_s"]:
