@@ -188,8 +188,10 @@ def causal_mask(config, kind: str, embeds: torch.Tensor, position_ids: torch.Ten
 PACK_TOKENS = 1024
 
 
-def pack(prompts: Sequence[Sequence[int]], limit: int = PACK_TOKENS) -> list[list[int]]:
-    """Consecutive prompts grouped (by index) so that each group holds at most ``limit`` tokens."""
+def pack(prompts: Sequence[Sequence[int]], limit: Optional[int] = None) -> list[list[int]]:
+    """Consecutive prompts grouped (by index) so that each group holds at most ``limit`` (default
+    :data:`PACK_TOKENS`) tokens; a limit of 1 runs every prompt alone."""
+    limit = PACK_TOKENS if limit is None else limit
     groups: list[list[int]] = []
     total = 0
     for i, p in enumerate(prompts):

@@ -21,11 +21,12 @@ def test_pack_groups_consecutive_prompts_up_to_the_limit():
     assert pack([[0] * 3, [0] * 4, [0] * 2, [0] * 9, [0] * 1], limit=9) == [[0, 1, 2], [3], [4]]
     assert pack([[0] * 20], limit=9) == [[0]]  # a longer prompt is a sequence of its own
     assert pack([[0] * 5] * 3) == [[0, 1, 2]] and PACK_TOKENS >= 256
+    assert pack([[0] * 5] * 3, limit=1) == [[0], [1], [2]]
 
 
 @pytest.mark.parametrize("arch, kwargs", [("llama", {}), ("mistral", {"sliding_window": 8}), ("gemma2", {}),
                                           ("gemma3_text", {})])
-@pytest.mark.parametrize("limit", [PACK_TOKENS, 16])
+@pytest.mark.parametrize("limit", [PACK_TOKENS, 16])  # 16: the prompts in three sequences
 def test_packed_prompts_match_transformers_per_prompt(tiny_base, monkeypatch, arch, kwargs, limit):
     """Each prompt's logits, packed with the others (block-diagonal attention, windows within the
     prompt, positions restarting at 0), are transformers' logits of that prompt alone."""
