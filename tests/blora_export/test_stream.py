@@ -25,7 +25,8 @@ def test_pack_groups_consecutive_prompts_up_to_the_limit():
 
 
 @pytest.mark.parametrize("arch, kwargs", [("llama", {}), ("mistral", {"sliding_window": 8}), ("gemma2", {}),
-                                          ("gemma3_text", {})])
+                                          ("gemma3_text", {}), ("granite", {}), ("smollm3", {}), ("phi3", {}),
+                                          ("qwen3", {})])
 @pytest.mark.parametrize("limit", [PACK_TOKENS, 16])  # 16: the prompts in three sequences
 def test_packed_prompts_match_transformers_per_prompt(tiny_base, monkeypatch, arch, kwargs, limit):
     """Each prompt's logits, packed with the others (block-diagonal attention, windows within the

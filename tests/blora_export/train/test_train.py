@@ -165,10 +165,13 @@ def test_branch_training_function_is_the_verify_reference(samples, tmp_path, mon
 
 
 @pytest.mark.parametrize("arch", ["granite", "smollm3", "gemma2", "gemma3_text", "phi3"])
-def test_other_families_train_to_the_verify_reference(samples, tiny_base, tmp_path, arch):
+def test_other_families_train_to_the_verify_reference(samples, tiny_base, tmp_path, arch, monkeypatch):
     """Granite (multipliers in and outside the decoder layers), SmolLM3 (NoPE layers), Gemma 2 (scaled
     embedding module, final softcap) and Gemma 3 (a rotation per layer kind): the function training computes is
-    verify's streamed reference, bit for bit."""
+    verify's streamed reference, bit for bit (one prompt per sequence; packed, see tests/blora_export/test_stream.py)."""
+    import blora_export.stream as stream_module
+
+    monkeypatch.setattr(stream_module, "PACK_TOKENS", 1)
     base_dir = tiny_base(arch)
     path = tmp_path / arch
     train(config(samples, path, "qa-blora", steps=5, fold_aware=False, base=base_dir))
