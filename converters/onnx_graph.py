@@ -118,7 +118,9 @@ class QuantLinear:
 class WeightProvider(Protocol):
     def linear(self, layer: int, group: LinearGroup) -> FloatLinear | QuantLinear: ...
 
-    def tensor(self, name: str, transpose: bool = False) -> np.ndarray: ...  # embeddings, norms, head: float arrays
+    def tensor(self, name: str) -> np.ndarray: ...  # embeddings, norms: float arrays
+
+    def transposed(self, name: str): ...  # the untied head, transposed, as row blocks (onnx_weights.RowBlocks)
 
 
 @dataclass(frozen=True)
@@ -440,7 +442,9 @@ def build_decoder(spec: DecoderSpec, weights: WeightProvider, store, progress=it
     if spec.tied:
         head = g.op("Transpose", [embed_ref], perm=[1, 0])
     else:
-        head = float_weight(g, "lm_head.MatMul.weight", weights.tensor("lm_head.weight", transpose=True))
+        blocks = weights.transposed("lm_head.weight")
+        ref = g.store.add_blocks("lm_head.MatMul.weight", blocks)
+        head = ref if blocks.dtype == np.float32 else g.op("Cast", [ref], to=TensorProto.FLOAT)
     logits = g.op("MatMul", [x, head])
     if sc.logit_divisor != 1.0:  # as transformers: logits / logits_scaling, then the final softcap
         logits = g.op("Div", [logits, g.const(sc.logit_divisor, np.float32)])

@@ -14,9 +14,11 @@ zero points (whose default is ``z``) plus a block-sum correction.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -112,9 +114,12 @@ class FloatWeights:
         weight = torch.cat([self.merged(n) for n in member_names(layer, group)])
         return FloatLinear(weight_t=weight.T.contiguous().numpy(), bias=group_bias(self.job, layer, group))
 
-    def tensor(self, name: str, transpose: bool = False) -> np.ndarray:
+    def tensor(self, name: str) -> np.ndarray:
         dtype = torch.float32 if name.endswith("norm.weight") else self.dtype
-        return float_array(self.job.base.tensor(name), dtype, transpose)
+        return float_array(self.job.base.tensor(name), dtype)
+
+    def transposed(self, name: str) -> "RowBlocks":
+        return RowBlocks.of(self.job.base.tensor(name), self.dtype)
 
 
 @dataclass
@@ -155,18 +160,42 @@ class QuantWeights:
                            accuracy_level=self.accuracy_level, bias=group_bias(self.job, layer, group),
                            bits=self.bits)
 
-    def tensor(self, name: str, transpose: bool = False) -> np.ndarray:
-        return float_array(self.job.base.tensor(name), torch.float32, transpose)
+    def tensor(self, name: str) -> np.ndarray:
+        return float_array(self.job.base.tensor(name), torch.float32)
+
+    def transposed(self, name: str) -> "RowBlocks":
+        return RowBlocks.of(self.job.base.tensor(name), torch.float32)
 
 
-def float_array(t: torch.Tensor, dtype: torch.dtype, transpose: bool = False) -> np.ndarray:
-    """``t`` (optionally transposed, contiguous) stored as ``dtype``: the transpose is made in the base's own
-    dtype and the cast is the last copy (a 7B head: 0.26 GB transposed in fp16, not 0.52 GB in float32 twice)."""
-    if transpose:
-        t = t.T.contiguous()
+def float_array(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """``t`` stored as ``dtype`` (a 16-bit value goes through float32: exact, then one rounding)."""
     if t.dtype != dtype:
         t = t.to(torch.float32) if dtype == torch.float32 else t.to(torch.float32).to(dtype)
-    return t.numpy()
+    return t.contiguous().numpy()
+
+
+#: Rows of a transposed tensor made per block: a 7B head block is 256 x 32000 float32 (33 MB).
+ROW_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """``t.T`` stored as ``dtype``, made ``ROW_BLOCK`` rows at a time (never the whole transposed
+    float32 copy: a 7B head is 0.5 GB in float32)."""
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+    source: torch.Tensor
+    torch_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, t: torch.Tensor, dtype: torch.dtype) -> "RowBlocks":
+        np_dtype = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16)}[dtype]
+        return cls((t.shape[1], t.shape[0]), np_dtype, t, dtype)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for r0 in range(0, self.shape[0], ROW_BLOCK):
+            yield float_array(self.source[:, r0:r0 + ROW_BLOCK].T, self.torch_dtype)
 
 
 def requant_grid(block: int, bits: int = 4) -> MinMaxGrid:
@@ -203,23 +232,40 @@ class TensorStore:
         self.nbytes = 0
 
     def add(self, name: str, array: np.ndarray) -> str:
-        if name in self._names:
-            raise ValueError(f"duplicate initializer {name}")
-        self._names.add(name)
+        self._claim(name)
         array = np.ascontiguousarray(array)
         if array.nbytes < INLINE_BYTES:
             self.protos.append(numpy_helper.from_array(array, name))
             return name
+        return self._external(name, array.shape, array.dtype, [array])
+
+    def add_blocks(self, name: str, blocks: "RowBlocks") -> str:
+        """An initializer written block by block (``blocks`` yields its rows in order)."""
+        self._claim(name)
+        return self._external(name, blocks.shape, blocks.dtype, blocks)
+
+    def _claim(self, name: str) -> None:
+        if name in self._names:
+            raise ValueError(f"duplicate initializer {name}")
+        self._names.add(name)
+
+    def _external(self, name: str, shape, dtype: np.dtype, parts) -> str:
         offset = self._file.tell()
         pad = (-offset) % ALIGN
         self._file.write(b"\0" * pad)
-        tensor = TensorProto(name=name, dims=list(array.shape), data_type=ONNX_DTYPES[array.dtype])
+        length = 0
+        for part in parts:
+            part = np.ascontiguousarray(part, dtype=dtype)
+            self._file.write(memoryview(part.astype(part.dtype.newbyteorder("<"), copy=False)).cast("B"))  # no copy
+            length += part.nbytes
+        if length != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise ValueError(f"{name}: wrote {length} bytes for shape {tuple(shape)} {np.dtype(dtype)}")
+        tensor = TensorProto(name=name, dims=list(shape), data_type=ONNX_DTYPES[np.dtype(dtype)])
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.location), ("offset", offset + pad), ("length", array.nbytes)):
+        for key, value in (("location", self.location), ("offset", offset + pad), ("length", length)):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, str(value)
-        self._file.write(memoryview(array.astype(array.dtype.newbyteorder("<"), copy=False)).cast("B"))  # no copy
-        self.nbytes += array.nbytes
+        self.nbytes += length
         self.protos.append(tensor)
         return name
 

@@ -435,3 +435,19 @@ def test_onnxruntime_genai_greedy_generation(samples, qa8, export, precision):
         tokens.append(int(generator.get_next_tokens()[0]))
     assert tokens == greedy_reference(job, prompt, steps)
     assert og.Tokenizer(model).decode(tokens)  # genai reads the copied tokenizer files
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", np.float32), ("fp16", np.float16)])
+def test_the_head_written_in_row_blocks_is_the_transposed_head(samples, tmp_path, monkeypatch, precision, dtype):
+    """The untied head goes to the data file ROW_BLOCK rows at a time (never a whole float32 copy): with
+    blocks of 7 rows (the last one short) the stored initializer is still exactly the transposed head."""
+    from blora_export.base import BaseModel
+
+    monkeypatch.setattr(onnx_weights, "ROW_BLOCK", 7)
+    monkeypatch.setattr(to_onnx, "INLINE_LIMIT", 0)  # keep model.onnx.data: the blocks as written
+    out = tmp_path / precision
+    api.export(samples / "qa-blora-q4_1", out, "onnx", quiet=True, precision=precision)
+    head = onnx_weights.TensorReader(out / to_onnx.MODEL_FILE).array("lm_head.MatMul.weight")
+    expected = BaseModel.open(samples / "base").tensor("lm_head.weight").float().T.numpy().astype(dtype)
+    assert head.dtype == dtype and head.shape == expected.shape and np.array_equal(head, expected)
+    assert api.verify(samples / "qa-blora-q4_1", out, quiet=True).passed
