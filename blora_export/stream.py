@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from .base import BaseModel
+from .errors import UnsupportedError
 from .families import Scales, scales
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,9 @@ class StreamedForward:
             def mask(kind: str, h: torch.Tensor, i: int):
                 if (kind, i) not in masks:
                     masks[(kind, i)] = causal_mask(config, kind, h, groups[i].positions)
+                    if masks[(kind, i)] is None and len(groups[i].lengths) > 1:  # plain causal: prompts would mix
+                        raise UnsupportedError("the installed transformers builds no packed-sequence attention mask "
+                                               "from restarting position ids; upgrade transformers (>= 4.56)")
                 return masks[(kind, i)]
             embed = 1.0 if hasattr(inner.embed_tokens, "scalar_embed_scale") else self.scales.embedding
             self._part(inner.embed_tokens, "model.embed_tokens", streams, cache,

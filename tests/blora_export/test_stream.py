@@ -68,3 +68,15 @@ def test_streams_with_the_same_weight_objects_share_one_run(tiny_base):
     assert not shared("a", "copy") and not shared("a", "hooked")
     for name in ("copy", "hooked"):
         assert all(torch.equal(x, y) for x, y in zip(out["a"], out[name]))
+
+
+def test_a_transformers_without_packed_masks_is_refused(tiny_base, monkeypatch):
+    """Without a packed-sequence mask the prompts would attend to each other: refused, not computed."""
+    import blora_export.stream as stream_module
+    from blora_export.errors import UnsupportedError
+
+    monkeypatch.setattr(stream_module, "causal_mask", lambda *a, **k: None)
+    with pytest.raises(UnsupportedError, match="packed-sequence attention mask"):
+        StreamedForward(BaseModel.open(tiny_base("llama"))).run(PROMPTS, [Stream("base")])
+    monkeypatch.setattr(stream_module, "PACK_TOKENS", 1)  # one prompt per sequence: plain causal is right
+    assert len(StreamedForward(BaseModel.open(tiny_base("llama"))).run(PROMPTS, [Stream("base")])["base"]) == len(PROMPTS)
