@@ -113,7 +113,7 @@ def _fold_checks(name: str, raw: np.ndarray, qtype, weight: torch.Tensor, module
             LayerCheck(name, "gguf dequant vs QuantizedWeight.dequantize", diff, 0.0)]
 
 
-def _model_checks(job: ExportJob, path: Path, encoding: str) -> list[LayerCheck]:
+def _model_checks(job: ExportJob, path: "Path | GGUFFile", encoding: str) -> list[LayerCheck]:
     arch, hp, tmap = _layout(job)
     reader, tensors = _tensors(path)
     checks = []
@@ -156,7 +156,7 @@ def _kquant_check(name: str, tensor, exact: torch.Tensor, reader: GGUFReader) ->
     return LayerCheck(name, f"{kquant.name} (llama.cpp) dequantized vs exact merge (max rel)", rel, weight_bound(kquant))
 
 
-def lora_pairs(path: Path, job: ExportJob) -> Iterator[tuple[AdapterModule, torch.Tensor, torch.Tensor, float]]:
+def lora_pairs(path: "Path | GGUFFile", job: ExportJob) -> Iterator[tuple[AdapterModule, torch.Tensor, torch.Tensor, float]]:
     """``(module, A [r, in], B [out, r] in Hugging Face row order, alpha / r)`` per adapted module, float64."""
     arch, hp, tmap = _layout(job)
     reader, tensors = _tensors(path)
@@ -178,7 +178,7 @@ def lora_pairs(path: Path, job: ExportJob) -> Iterator[tuple[AdapterModule, torc
         raise BadInputError(f"{path} lacks {len(missing)} adapter tensors: {', '.join(missing[:4])}")
 
 
-def _adapter_checks(job: ExportJob, path: Path) -> list[LayerCheck]:
+def _adapter_checks(job: ExportJob, path: "Path | GGUFFile") -> list[LayerCheck]:
     _, tensors = _tensors(path)
     qtype = next(t.tensor_type for t in tensors.values())
     checks = []
@@ -189,7 +189,7 @@ def _adapter_checks(job: ExportJob, path: Path) -> list[LayerCheck]:
     return checks
 
 
-def layer_checks(path: Path, job: ExportJob, encoding: str) -> list[LayerCheck]:
+def layer_checks(path: "Path | GGUFFile", job: ExportJob, encoding: str) -> list[LayerCheck]:
     if encoding == "adapter":
         return _adapter_checks(job, path)
     return _model_checks(job, path, encoding)

@@ -189,7 +189,7 @@ def _write_base(job: ExportJob, out: Path) -> None:
     export(replace(job, progress=lambda it, **_: it), out, gguf_type="f32", base_only=True)
 
 
-def file_types(path: Path, job: ExportJob) -> dict[str, GGMLQuantizationType]:
+def file_types(path: "Path | GGUFFile", job: ExportJob) -> dict[str, GGMLQuantizationType]:
     """The ggml type of each tensor of a GGUF model, by Hugging Face name."""
     arch, hp, tmap = _layout(job)
     _, tensors = _tensors(path)
@@ -204,7 +204,7 @@ def file_types(path: Path, job: ExportJob) -> dict[str, GGMLQuantizationType]:
     return types
 
 
-def gguf_weights(path: Path, job: ExportJob):
+def gguf_weights(path: "Path | GGUFFile", job: ExportJob):
     """What the file holds, dequantized exactly by gguf-py, by Hugging Face name (Q/K rows un-permuted)."""
     arch, hp, tmap = _layout(job)
     reader, tensors = _tensors(path)
@@ -224,7 +224,7 @@ def gguf_weights(path: Path, job: ExportJob):
     return weights
 
 
-def adapter_weights(path: Path, job: ExportJob):
+def adapter_weights(path: "Path | GGUFFile", job: ExportJob):
     """An adapter file applied to the trained base in float64: ``W + alpha/r · B @ A``."""
     pairs = {module.weight_name: (a, b, scale) for module, a, b, scale in lora_pairs(path, job)}
     base = trained_base_fn(job.plan)

@@ -261,8 +261,12 @@ def rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str, offset
 
 def float_weight(g: Graph, name: str, array: np.ndarray) -> str:
     """A float initializer used in float32 math (float16 storage gets a Cast, folded at load)."""
-    ref = g.init(name, array)
-    return ref if array.dtype == np.float32 else g.op("Cast", [ref], to=TensorProto.FLOAT)
+    return as_float32(g, g.init(name, array), array.dtype)
+
+
+def as_float32(g: Graph, ref: str, dtype: np.dtype) -> str:
+    """An initializer stored as ``dtype``, read in float32 math."""
+    return ref if dtype == np.float32 else g.op("Cast", [ref], to=TensorProto.FLOAT)
 
 
 def linear(g: Graph, x: str, data: FloatLinear | QuantLinear, name: str) -> str:
@@ -443,8 +447,7 @@ def build_decoder(spec: DecoderSpec, weights: WeightProvider, store, progress=it
         head = g.op("Transpose", [embed_ref], perm=[1, 0])
     else:
         blocks = weights.transposed("lm_head.weight")
-        ref = g.store.add_blocks("lm_head.MatMul.weight", blocks)
-        head = ref if blocks.dtype == np.float32 else g.op("Cast", [ref], to=TensorProto.FLOAT)
+        head = as_float32(g, g.store.add_blocks("lm_head.MatMul.weight", blocks), blocks.dtype)
     logits = g.op("MatMul", [x, head])
     if sc.logit_divisor != 1.0:  # as transformers: logits / logits_scaling, then the final softcap
         logits = g.op("Div", [logits, g.const(sc.logit_divisor, np.float32)])

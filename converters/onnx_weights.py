@@ -119,7 +119,7 @@ class FloatWeights:
         return float_array(self.job.base.tensor(name), dtype)
 
     def transposed(self, name: str) -> "RowBlocks":
-        return RowBlocks.of(self.job.base.tensor(name), self.dtype)
+        return RowBlocks(self.job.base.tensor(name), self.dtype)
 
 
 @dataclass
@@ -164,34 +164,36 @@ class QuantWeights:
         return float_array(self.job.base.tensor(name), torch.float32)
 
     def transposed(self, name: str) -> "RowBlocks":
-        return RowBlocks.of(self.job.base.tensor(name), torch.float32)
+        return RowBlocks(self.job.base.tensor(name), torch.float32)
 
 
 def float_array(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """``t`` stored as ``dtype`` (a 16-bit value goes through float32: exact, then one rounding)."""
     if t.dtype != dtype:
-        t = t.to(torch.float32) if dtype == torch.float32 else t.to(torch.float32).to(dtype)
+        t = t.to(torch.float32).to(dtype)
     return t.contiguous().numpy()
 
 
+NUMPY_BY_TORCH = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16)}
 #: Rows of a transposed tensor made per block: a 7B head block is 256 x 32000 float32 (33 MB).
 ROW_BLOCK = 256
 
 
 @dataclass(frozen=True)
 class RowBlocks:
-    """``t.T`` stored as ``dtype``, made ``ROW_BLOCK`` rows at a time (never the whole transposed
-    float32 copy: a 7B head is 0.5 GB in float32)."""
+    """``source.T`` stored as ``torch_dtype``, made ``ROW_BLOCK`` rows at a time (never the whole
+    transposed float32 copy: a 7B head is 0.5 GB in float32)."""
 
-    shape: tuple[int, int]
-    dtype: np.dtype
     source: torch.Tensor
-    torch_dtype: torch.dtype
+    torch_dtype: torch.dtype  # float32 or float16
 
-    @classmethod
-    def of(cls, t: torch.Tensor, dtype: torch.dtype) -> "RowBlocks":
-        np_dtype = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16)}[dtype]
-        return cls((t.shape[1], t.shape[0]), np_dtype, t, dtype)
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.source.shape[1], self.source.shape[0]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return NUMPY_BY_TORCH[self.torch_dtype]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for r0 in range(0, self.shape[0], ROW_BLOCK):
